@@ -1,0 +1,5 @@
+"""``python -m kvcellar`` runs the CLI."""
+
+from kvcellar.cli import app
+
+app()

@@ -1,0 +1,225 @@
+"""The ``kvcellar`` command line: ``chat`` (the demo) and ``cache stats|clear``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from kvcellar.config import Settings
+from kvcellar.errors import KvcellarError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="kvcellar: a KV and response cache for LLM inference.",
+)
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect or clear the local cache tiers.")
+app.add_typer(cache_app, name="cache")
+console = Console()
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file")]
+ModelOpt = Annotated[str | None, typer.Option(help="registry name or local model directory")]
+ChunkOpt = Annotated[int | None, typer.Option(help="tokens per KV chunk")]
+MemOpt = Annotated[str | None, typer.Option(help="memory tier budget, e.g. 2GB")]
+DiskPathOpt = Annotated[Path | None, typer.Option(help="disk tier directory")]
+DiskBytesOpt = Annotated[str | None, typer.Option(help="disk tier budget, e.g. 10GB (0 = none)")]
+TenantOpt = Annotated[str | None, typer.Option(help="tenant whose keys to use")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+    )
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def _settings(config: Path | None, **flags: Any) -> Settings:
+    try:
+        return Settings.load(config, **flags)
+    except KvcellarError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def chat(
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    chunk_size: ChunkOpt = None,
+    memory_bytes: MemOpt = None,
+    disk_path: DiskPathOpt = None,
+    disk_bytes: DiskBytesOpt = None,
+    tenant: TenantOpt = None,
+    interactive: Annotated[
+        bool, typer.Option("--interactive", "-i", help="type your own turns")
+    ] = False,
+    compare: Annotated[bool, typer.Option(help="also time each turn without the cache")] = True,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="run the plain model")] = False,
+    max_tokens: Annotated[int, typer.Option(help="tokens to generate per turn")] = 48,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """A multi-turn chat that shows, per turn, how much of the prompt came from the cache."""
+    from kvcellar.demo_script import QUESTIONS, SYSTEM_PROMPT
+    from kvcellar.llm import LLM
+
+    _setup_logging(verbose)
+    settings = _settings(
+        config,
+        model=model,
+        chunk_size=chunk_size,
+        memory_bytes=memory_bytes,
+        disk_path=disk_path,
+        disk_bytes=disk_bytes,
+        tenant=tenant,
+        enabled=False if no_cache else None,
+    )
+    with console.status("loading model (the first run converts it once, ~30 s)"):
+        try:
+            llm = LLM(**settings.model_dump())
+        except KvcellarError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+    tiers = (
+        "off"
+        if llm.engine is None
+        else ", ".join(
+            f"{t.name} {t.budget_bytes / 1e9:.1f} GB" for t in llm.engine.storage.stats()
+        )
+    )
+    console.print(
+        f"[bold]kvcellar chat[/bold]  model={settings.model}  chunk={settings.chunk_size}  tiers: {tiers}"
+    )
+    messages: list[dict[str, str]] = [{"role": "system", "content": SYSTEM_PROMPT}]
+    table = Table(title="per-turn cache reuse")
+    for col in (
+        "turn",
+        "prompt tok",
+        "from cache",
+        "prefilled",
+        "TTFT cache",
+        "TTFT no cache",
+        "speedup",
+    ):
+        table.add_column(col, justify="right")
+    turn = 0
+    script = iter(QUESTIONS)
+    while True:
+        if interactive:
+            try:
+                question = console.input("[bold cyan]you> [/bold cyan]").strip()
+            except (EOFError, KeyboardInterrupt):
+                break
+            if question in ("", "/quit", "/exit"):
+                break
+        else:
+            question = next(script, None)
+            if question is None:
+                break
+            console.print(f"[bold cyan]you>[/bold cyan] {question}")
+        turn += 1
+        messages.append({"role": "user", "content": question})
+        base = (
+            llm.generate(messages, max_tokens=1, use_cache=False)
+            if compare and llm.engine
+            else None
+        )
+        out = llm.generate(messages, max_tokens=max_tokens)
+        console.print(f"[bold green]assistant>[/bold green] {out.text.strip()}")
+        speed = f"{base.ttft_s / out.ttft_s:.1f}x" if base else "-"
+        console.print(
+            f"[dim]  prompt {out.prompt_tokens} tok | from cache {out.cached_tokens} | prefilled "
+            f"{out.prefilled_tokens} | TTFT {out.ttft_s * 1000:.0f} ms"
+            + (f" vs {base.ttft_s * 1000:.0f} ms without cache ({speed})" if base else "")
+            + "[/dim]"
+        )
+        table.add_row(
+            str(turn),
+            str(out.prompt_tokens),
+            str(out.cached_tokens),
+            str(out.prefilled_tokens),
+            f"{out.ttft_s * 1000:.0f} ms",
+            f"{base.ttft_s * 1000:.0f} ms" if base else "-",
+            speed,
+        )
+        messages.append({"role": "assistant", "content": out.text})
+    console.print(table)
+    llm.close()
+
+
+def _local_tiers(settings: Settings) -> list[Any]:
+    from kvcellar.storage.disk import DiskBackend
+
+    if settings.disk_bytes <= 0:
+        return []
+    return [DiskBackend(settings.resolved_disk_path(), settings.disk_bytes)]
+
+
+@cache_app.command("stats")
+def cache_stats(
+    config: ConfigOpt = None, disk_path: DiskPathOpt = None, disk_bytes: DiskBytesOpt = None
+) -> None:
+    """Entries and bytes of the disk tier (the memory tier lives inside a running process)."""
+    settings = _settings(config, disk_path=disk_path, disk_bytes=disk_bytes)
+    table = Table(title="kvcellar local tiers")
+    for col in ("tier", "path", "entries", "used", "budget", "use %"):
+        table.add_column(col, justify="right")
+    for tier in _local_tiers(settings):
+        st = tier.stats()
+        pct = 100 * st.used_bytes / st.budget_bytes if st.budget_bytes else 0.0
+        table.add_row(
+            st.name,
+            str(settings.resolved_disk_path()),
+            str(st.entries),
+            _fmt_bytes(st.used_bytes),
+            _fmt_bytes(st.budget_bytes),
+            f"{pct:.1f}",
+        )
+        tier.close()
+    table.add_row("memory", "(per process)", "-", "-", _fmt_bytes(settings.memory_bytes), "-")
+    console.print(table)
+
+
+@cache_app.command("clear")
+def cache_clear(
+    config: ConfigOpt = None,
+    disk_path: DiskPathOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
+) -> None:
+    """Delete every KV chunk of the disk tier."""
+    settings = _settings(config, disk_path=disk_path)
+    tiers = _local_tiers(settings)
+    if not tiers:
+        console.print("no disk tier configured (disk_bytes is 0); nothing to clear")
+        return
+    path = settings.resolved_disk_path()
+    if not yes and not typer.confirm(f"delete every cached KV chunk under {path}?"):
+        raise typer.Exit(1)
+    for tier in tiers:
+        n = tier.stats().entries
+        tier.clear()
+        tier.close()
+        console.print(f"cleared {n} entries from the {tier.name} tier at {path}")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+if __name__ == "__main__":
+    app()

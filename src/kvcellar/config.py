@@ -1,0 +1,189 @@
+"""All settings in one pydantic object.
+
+Precedence, lowest to highest: defaults < YAML file < ``KVCELLAR_*`` environment variables <
+explicit keyword arguments (CLI flags, ``LLM(...)`` keywords). Scripts outside the package rely on
+the field names, so renaming one is a breaking change.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from kvcellar.errors import ConfigError
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "kib": 2**10,
+    "ki": 2**10,
+    "m": 10**6,
+    "mb": 10**6,
+    "mib": 2**20,
+    "mi": 2**20,
+    "g": 10**9,
+    "gb": 10**9,
+    "gib": 2**30,
+    "gi": 2**30,
+    "t": 10**12,
+    "tb": 10**12,
+    "tib": 2**40,
+    "ti": 2**40,
+}
+
+
+def parse_size(value: Any) -> int:
+    """Turn ``"2GB"``, ``"512MiB"``, ``1024`` or ``"0"`` into a byte count.
+
+    Decimal units (KB, MB, GB) are powers of 1000, binary ones (KiB, MiB, GiB) powers of 1024, as
+    on disk labels; budgets are exact byte counts either way.
+    """
+    if isinstance(value, bool):
+        raise ValueError("a size must be a number of bytes or a string like '2GB'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, float):
+        if value < 0 or value != value:
+            raise ValueError("a size cannot be negative")
+        return int(value)
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            unit = (m.group(2) or "").lower()
+            if unit in _UNITS:
+                return int(float(m.group(1)) * _UNITS[unit])
+    raise ValueError(
+        f"{value!r} is not a size; use a byte count or a string like '512MB' or '2GiB'"
+    )
+
+
+class Settings(BaseSettings):
+    """Every knob of kvcellar. Build it with :meth:`Settings.load` to get the YAML layer too."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KVCELLAR_", extra="forbid", validate_default=True, case_sensitive=False
+    )
+
+    enabled: bool = Field(True, description="false = plain model, the no-cache baseline")
+    model: str = Field(
+        DEFAULT_MODEL, description="registry name or a local transformers model directory"
+    )
+    chunk_size: int = Field(256, ge=1, le=65536, description="tokens per KV chunk")
+    memory_bytes: int = Field(
+        2 * 10**9, description="byte budget of the in-process memory tier (0 = none)"
+    )
+    disk_path: Path | None = Field(
+        None, description="directory of the disk tier (default <model_cache_dir>/kv)"
+    )
+    disk_bytes: int = Field(
+        8 * 10**9, description="byte budget of the disk tier (0 = no disk tier)"
+    )
+    save_partial_chunks: bool = Field(
+        False, description="also store a final chunk shorter than chunk_size"
+    )
+    tenant: str = Field(
+        "default", min_length=1, max_length=256, description="salts every cache key"
+    )
+    codec: str = Field("raw", description="KV codec for stored chunks: raw (exact) or fp16")
+    dtype: str = Field("float32", description="compute dtype of the model")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
+    model_cache_dir: Path = Field(
+        Path(os.path.expanduser("~/.cache/kvcellar")),
+        description="where converted model weights are kept",
+    )
+
+    def resolved_disk_path(self) -> Path:
+        """The disk tier's directory: ``disk_path``, or ``<model_cache_dir>/kv`` when unset."""
+        return self.disk_path if self.disk_path is not None else self.model_cache_dir / "kv"
+
+    @field_validator("memory_bytes", "disk_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        return parse_size(v)
+
+    @field_validator("codec")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        from kvcellar.kv.codecs import codec_names
+
+        if v not in codec_names():
+            raise ValueError(f"unknown codec {v!r}; choose one of {', '.join(codec_names())}")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        allowed = ("float32", "float16", "bfloat16")
+        if v not in allowed:
+            raise ValueError(f"unknown dtype {v!r}; choose one of {', '.join(allowed)}")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Keyword arguments win over the environment; the YAML layer is merged in load().
+        return (init_settings, env_settings)
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Build settings from a YAML file, the environment and keyword overrides.
+
+        ``None`` overrides are ignored so CLI flags that were not given do not mask lower layers.
+        Any bad value raises one :class:`ConfigError` naming the setting.
+        """
+        file_values = _read_yaml(config_file) if config_file else {}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        env_names = {name for name in cls.model_fields if f"KVCELLAR_{name.upper()}" in os.environ}
+        # YAML sits below the environment: drop YAML keys the environment sets.
+        merged = {k: v for k, v in file_values.items() if k not in env_names}
+        merged.update(given)
+        try:
+            return cls(**merged)
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc, config_file)) from None
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of setting: value")
+    return data
+
+
+def _explain(exc: ValidationError, config_file: str | Path | None) -> str:
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(x) for x in err["loc"]) or "settings"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "is not a known setting (see `kvcellar chat --help` or config.py)"
+        parts.append(f"setting '{name}' (env KVCELLAR_{name.upper()}): {msg}")
+    where = f" in {config_file}" if config_file else ""
+    return f"invalid configuration{where}: " + "; ".join(parts)

@@ -1,0 +1,196 @@
+"""CacheEngine: find, load and save KV chunks of token sequences across storage tiers.
+
+The engine turns tokens into chunk keys (:mod:`kvcellar.keys`), frames KV with a codec and keeps
+frames in a :class:`~kvcellar.storage.tiered.TieredStore`. It never returns wrong KV: a frame that
+fails its checksum is deleted and counted as a miss, and a frame whose stored token ids differ from
+the request's is a miss too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kvcellar.config import Settings
+from kvcellar.errors import CodecError
+from kvcellar.keys import chunk_keys, chunk_spans, namespace
+from kvcellar.kv import codecs
+from kvcellar.kv.chunk import TOKEN_DIM, KVChunk
+from kvcellar.storage.base import Backend
+from kvcellar.storage.tiered import TieredStore
+
+log = logging.getLogger(__name__)
+
+KVSource = Callable[[int, int], torch.Tensor]
+"""Gives the KV of tokens [start, end) as [layers, 2, kv_heads, end - start, head_dim]."""
+
+
+@dataclass
+class RetrieveResult:
+    """What one retrieve found; ``kv`` is None when nothing was hit."""
+
+    kv: torch.Tensor | None
+    n_tokens: int
+    chunk_tiers: list[str] = field(default_factory=list)
+    chunk_codecs: list[str] = field(default_factory=list)
+    corrupted: int = 0
+    load_s: float = 0.0
+
+
+@dataclass
+class EngineStats:
+    lookups: int = 0
+    retrieves: int = 0
+    hit_chunks: int = 0
+    miss_chunks: int = 0
+    hit_tokens: int = 0
+    stored_chunks: int = 0
+    stored_bytes: int = 0
+    skipped_chunks: int = 0
+    corrupted_chunks: int = 0
+    token_mismatches: int = 0
+
+
+class CacheEngine:
+    """Thread-safe: tiers lock themselves; the engine's own lock guards only its counters."""
+
+    def __init__(
+        self,
+        store: TieredStore,
+        namespace: str,
+        chunk_size: int = 256,
+        save_partial_chunks: bool = False,
+        codec: str = "raw",
+    ) -> None:
+        self.storage = store
+        self.namespace = namespace
+        self.chunk_size = chunk_size
+        self.save_partial_chunks = save_partial_chunks
+        self.codec = codecs.get_codec(codec)
+        self._stats = EngineStats()
+        self._lock = threading.Lock()
+
+    def _keys(self, tokens: Sequence[int]) -> tuple[list[str], list[tuple[int, int]]]:
+        spans = chunk_spans(len(tokens), self.chunk_size, self.save_partial_chunks)
+        keys = chunk_keys(tokens, self.chunk_size, self.namespace, self.save_partial_chunks)
+        return keys, spans
+
+    def lookup(self, tokens: Sequence[int]) -> int:
+        """Number of leading tokens whose KV is cached in some tier, without loading it."""
+        keys, spans = self._keys(tokens)
+        n_chunks = self.storage.contains_prefix(keys)
+        with self._lock:
+            self._stats.lookups += 1
+        return spans[n_chunks - 1][1] if n_chunks else 0
+
+    def retrieve(self, tokens: Sequence[int]) -> tuple[torch.Tensor | None, int]:
+        """(KV of the longest cached prefix of ``tokens``, its length in tokens)."""
+        res = self.retrieve_detailed(tokens)
+        return res.kv, res.n_tokens
+
+    def retrieve_detailed(self, tokens: Sequence[int]) -> RetrieveResult:
+        """Load chunk after chunk until the first miss, into one contiguous tensor."""
+        t0 = time.perf_counter()
+        keys, spans = self._keys(tokens)
+        tokens = list(tokens)
+        found: list[KVChunk] = []
+        res = RetrieveResult(kv=None, n_tokens=0)
+        for key, (start, end) in zip(keys, spans, strict=True):
+            got = self.storage.get(key)
+            if got is None:
+                break
+            frame, tier = got
+            try:
+                chunk = codecs.decode(frame)
+            except CodecError as exc:
+                log.warning("dropping corrupted KV chunk %s from %s: %s", key, tier, exc)
+                self.storage.delete(key)
+                res.corrupted += 1
+                break
+            if list(chunk.tokens) != tokens[start:end]:
+                log.warning(
+                    "KV chunk %s holds other tokens than requested; treating as a miss", key
+                )
+                with self._lock:
+                    self._stats.token_mismatches += 1
+                break
+            found.append(chunk)
+            res.chunk_tiers.append(self.storage.tiers[tier].name)
+            res.chunk_codecs.append(codecs.frame_codec_name(frame))
+        if found:
+            res.n_tokens = spans[len(found) - 1][1]
+            first = found[0].kv
+            shape = list(first.shape)
+            shape[TOKEN_DIM] = res.n_tokens
+            out = torch.empty(shape, dtype=first.dtype)
+            for chunk, (start, end) in zip(found, spans, strict=False):
+                out[:, :, :, start:end].copy_(chunk.kv)
+            res.kv = out
+        res.load_s = time.perf_counter() - t0
+        with self._lock:
+            s = self._stats
+            s.retrieves += 1
+            s.hit_chunks += len(found)
+            s.miss_chunks += len(keys) - len(found)
+            s.hit_tokens += res.n_tokens
+            s.corrupted_chunks += res.corrupted
+        return res
+
+    def store(self, tokens: Sequence[int], kv: torch.Tensor | KVSource) -> int:
+        """Store the chunks of ``tokens`` not yet cached; returns how many were written.
+
+        ``kv`` covers at least ``tokens`` (a tensor [layers, 2, kv_heads, n, head_dim] or a
+        function giving a token range), so only missing chunks are ever copied out of the model.
+        """
+        source: KVSource = kv if callable(kv) else (lambda s, e: kv[:, :, :, s:e])
+        tokens = list(tokens)
+        keys, spans = self._keys(tokens)
+        stored = skipped = nbytes = 0
+        for key, (start, end) in zip(keys, spans, strict=True):
+            if self.storage.contains(key):
+                skipped += 1
+                continue
+            frame = codecs.encode(KVChunk(source(start, end), tuple(tokens[start:end])), self.codec)
+            if self.storage.put(key, frame):
+                stored += 1
+                nbytes += len(frame)
+        with self._lock:
+            self._stats.stored_chunks += stored
+            self._stats.skipped_chunks += skipped
+            self._stats.stored_bytes += nbytes
+        return stored
+
+    @classmethod
+    def from_settings(cls, settings: Settings, model_fingerprint: str) -> CacheEngine:
+        """Engine with the tiers the settings ask for: memory, then disk."""
+        from kvcellar.storage.disk import DiskBackend
+        from kvcellar.storage.memory import MemoryBackend
+
+        tiers: list[Backend] = []
+        if settings.memory_bytes > 0:
+            tiers.append(MemoryBackend(settings.memory_bytes))
+        if settings.disk_bytes > 0:
+            tiers.append(DiskBackend(settings.resolved_disk_path(), settings.disk_bytes))
+        return cls(
+            TieredStore(tiers),
+            namespace(model_fingerprint, settings.tenant),
+            chunk_size=settings.chunk_size,
+            save_partial_chunks=settings.save_partial_chunks,
+            codec=settings.codec,
+        )
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            engine = dict(self._stats.__dict__)
+        return {"engine": engine, "tiers": [t.__dict__ for t in self.storage.stats()]}
+
+    def clear(self) -> None:
+        self.storage.clear()
+
+    def close(self) -> None:
+        self.storage.close()
