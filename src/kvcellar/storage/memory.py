@@ -1,0 +1,127 @@
+"""The fastest tier: KV frames held as ``bytes`` in this process, under a hard byte budget.
+
+Values are immutable ``bytes``, so ``get`` hands out the stored object itself: a hit costs no
+copy, which is the whole point of the memory tier (load time is then bounded by decoding, not by
+a memcpy of the frame). Recency is kept by an ``OrderedDict`` (least recent first), so eviction and
+promotion are O(1).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from kvcellar.storage.base import BackendStats
+
+logger = logging.getLogger(__name__)
+
+
+class MemoryBackend:
+    """In-process LRU byte store; see :class:`kvcellar.storage.base.Backend` for the contract.
+
+    A refused ``put`` (value larger than the budget, or budget 0) also drops any older value
+    stored under the same key: otherwise a later ``get`` would return bytes the caller has
+    already replaced, and the tier would silently serve a stale value.
+    """
+
+    def __init__(self, budget_bytes: int, name: str = "memory") -> None:
+        if budget_bytes < 0:
+            raise ValueError(
+                f"budget_bytes must be >= 0 (got {budget_bytes}); use 0 to disable the memory tier"
+            )
+        self.name = name
+        self._budget = int(budget_bytes)
+        self._data: OrderedDict[str, bytes] = OrderedDict()
+        self._used = 0
+        self._lock = threading.Lock()
+        self._hits = 0
+        self._misses = 0
+        self._puts = 0
+        self._rejected = 0
+        self._evictions = 0
+
+    @property
+    def budget_bytes(self) -> int:
+        """The hard limit on the sum of stored value sizes."""
+        return self._budget
+
+    def get(self, key: str) -> bytes | None:
+        """The stored object itself (no copy; bytes are immutable), refreshing its recency."""
+        with self._lock:
+            value = self._data.get(key)
+            if value is None:
+                self._misses += 1
+                return None
+            self._data.move_to_end(key)
+            self._hits += 1
+            return value
+
+    def put(self, key: str, value: bytes) -> bool:
+        """Store ``value``, evicting least recently used entries to make room."""
+        size = len(value)
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._used -= len(old)
+            if self._budget == 0 or size > self._budget:
+                # Never evict for a value that cannot fit anyway; drop the stale old value.
+                self._rejected += 1
+                logger.debug(
+                    "%s: refused %d bytes for %s (budget %d)", self.name, size, key, self._budget
+                )
+                return False
+            while self._used + size > self._budget:
+                _, victim = self._data.popitem(last=False)
+                self._used -= len(victim)
+                self._evictions += 1
+            self._data[key] = value
+            self._used += size
+            self._puts += 1
+            return True
+
+    def contains(self, key: str) -> bool:
+        """Presence only: lookups of whole prefixes must not disturb the LRU order."""
+        with self._lock:
+            return key in self._data
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; returns whether it was present."""
+        with self._lock:
+            value = self._data.pop(key, None)
+            if value is None:
+                return False
+            self._used -= len(value)
+            return True
+
+    def keys(self) -> Iterator[str]:
+        """A snapshot, so callers may mutate the backend while iterating."""
+        with self._lock:
+            snapshot = list(self._data)
+        return iter(snapshot)
+
+    def clear(self) -> None:
+        """Drop every entry (counters are cumulative and stay)."""
+        with self._lock:
+            self._data.clear()
+            self._used = 0
+
+    def stats(self) -> BackendStats:
+        """A fresh snapshot of the counters."""
+        with self._lock:
+            return BackendStats(
+                name=self.name,
+                entries=len(self._data),
+                used_bytes=self._used,
+                budget_bytes=self._budget,
+                hits=self._hits,
+                misses=self._misses,
+                puts=self._puts,
+                rejected_puts=self._rejected,
+                evictions=self._evictions,
+            )
+
+    def close(self) -> None:
+        """Release the held frames now rather than when the object is collected."""
+        self.clear()
