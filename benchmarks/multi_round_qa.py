@@ -9,7 +9,7 @@ It also prints the physical bound of each hit, load(h) + prefill(n - h), with lo
 memcpy (memory tier) or read from a file (disk tier) the same number of bytes, measured here, and
 prefill(n - h) the measured time of the suffix prefill. And it measures what a miss costs.
 
-    python benchmarks/multi_round_qa.py            # full: 2 users x 6 rounds
+    python benchmarks/multi_round_qa.py            # full: 2 users x 8 rounds
     python benchmarks/multi_round_qa.py --quick    # CI smoke: 1 user x 3 rounds
 """
 
@@ -41,14 +41,15 @@ console = Console()
 
 
 def measure_memcpy_s(nbytes: int, reps: int = 5) -> float:
-    """Median time to copy ``nbytes`` in memory (the memory tier's physical floor)."""
+    """Median time to copy ``nbytes`` between two touched buffers: the memory tier's floor."""
     if nbytes == 0:
         return 0.0
-    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.zeros_like(src)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        src.clone()
+        dst.copy_(src)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> dict:
         threads=args.threads,
     )
     bpt = llm.runner.bytes_per_token
+    llm.generate("Warm-up: say hello.", max_tokens=2, use_cache=False)  # first-call costs
     histories: list[list[dict]] = [
         [{"role": "system", "content": SYSTEM_PROMPT}] for _ in range(args.users)
     ]
@@ -213,7 +215,7 @@ def main() -> None:
     )
     p.add_argument("--quick", action="store_true", help="small CI smoke run")
     p.add_argument("--users", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=8)
     p.add_argument(
         "--sentences", type=int, default=24, help="notes sentences per question (~17 tokens each)"
     )

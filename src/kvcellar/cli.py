@@ -101,6 +101,7 @@ def chat(
     console.print(
         f"[bold]kvcellar chat[/bold]  model={settings.model}  chunk={settings.chunk_size}  tiers: {tiers}"
     )
+    llm.generate("Warm-up.", max_tokens=1, use_cache=False)  # keep first-call costs out of turn 1
     messages: list[dict[str, str]] = [{"role": "system", "content": SYSTEM_PROMPT}]
     table = Table(title="per-turn cache reuse")
     for col in (
