@@ -34,4 +34,4 @@ def test_multi_round_qa_quick(tmp_path):
     assert rows[0]["cached_tokens"] == 0
     assert all(r["cached_tokens"] > 0 for r in rows[1:])
     assert all(r["bound_s"] > 0 and r["ttft_cache_s"] > 0 and r["ttft_nocache_s"] > 0 for r in rows)
-    assert len(data["miss"]) == 2 and out.with_suffix(".png").stat().st_size > 1000
+    assert len(data["miss"]) == 4 and out.with_suffix(".png").stat().st_size > 1000

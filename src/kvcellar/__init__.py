@@ -6,7 +6,12 @@ error base :class:`KvcellarError`. Heavy modules (torch, transformers) load on f
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# Weights are files on this machine: never let transformers reach for a hub at run time. Set
+# before anything imports huggingface_hub, which reads it once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from kvcellar.config import Settings
 from kvcellar.errors import KvcellarError

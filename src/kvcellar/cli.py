@@ -139,8 +139,11 @@ def chat(
         out = llm.generate(messages, max_tokens=max_tokens)
         console.print(f"[bold green]assistant>[/bold green] {out.text.strip()}")
         speed = f"{base.ttft_s / out.ttft_s:.1f}x" if base else "-"
+        where = "/".join(sorted(set(out.chunk_tiers)))
         console.print(
-            f"[dim]  prompt {out.prompt_tokens} tok | from cache {out.cached_tokens} | prefilled "
+            f"[dim]  prompt {out.prompt_tokens} tok | from cache {out.cached_tokens}"
+            + (f" ({where})" if where else "")
+            + f" | prefilled "
             f"{out.prefilled_tokens} | TTFT {out.ttft_s * 1000:.0f} ms"
             + (f" vs {base.ttft_s * 1000:.0f} ms without cache ({speed})" if base else "")
             + "[/dim]"

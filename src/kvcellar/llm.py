@@ -38,8 +38,9 @@ class GenerationOutput:
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     ttft_s: float
     total_s: float
-    load_s: float = 0.0
+    load_s: float = 0.0  # cache lookup + KV load, before the prefill
     prefill_s: float = 0.0
+    store_s: float = 0.0  # saving new chunks after decoding (not part of TTFT)
     stored_chunks: int = 0
     chunk_tiers: list[str] = field(default_factory=list)
     chunk_codecs: list[str] = field(default_factory=list)
@@ -152,7 +153,7 @@ class LLM:
                 logits = self.runner.forward([tok], cache)
                 tok = next_token(logits, temperature, top_p, generator)
 
-            stored = 0
+            stored, t_store = 0, time.perf_counter()
             if engine is not None:
                 # The cache holds every prompt token and every generated token fed back so far.
                 seq = ids + out_ids
@@ -160,6 +161,8 @@ class LLM:
                 stored = engine.store(
                     seq[:n_cached], lambda s, e: self.runner.kv_slice(cache, s, e)
                 )
+
+            store_s = time.perf_counter() - t_store
 
         text = self.runner.decode(out_ids)
         if stops:
@@ -177,6 +180,7 @@ class LLM:
             total_s=time.perf_counter() - t0,
             load_s=load_s,
             prefill_s=prefill_s,
+            store_s=store_s,
             stored_chunks=stored,
             chunk_tiers=tiers,
             chunk_codecs=codecs_used,

@@ -29,6 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from kvcellar.storage.base import BackendStats
@@ -306,19 +307,7 @@ class DiskBackend:
     def stats(self) -> BackendStats:
         """A fresh snapshot of the counters."""
         with self._lock:
-            s = self._stats
-            return BackendStats(
-                name=self.name,
-                entries=len(self._index),
-                used_bytes=self._used,
-                budget_bytes=self._budget,
-                hits=s.hits,
-                misses=s.misses,
-                puts=s.puts,
-                rejected_puts=s.rejected_puts,
-                evictions=s.evictions,
-                errors=s.errors,
-            )
+            return replace(self._stats, entries=len(self._index), used_bytes=self._used)
 
     def close(self) -> None:
         """Nothing to release: every put is already on disk and no handle stays open."""

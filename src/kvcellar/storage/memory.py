@@ -12,6 +12,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import replace
 
 from kvcellar.storage.base import BackendStats
 
@@ -36,11 +37,7 @@ class MemoryBackend:
         self._data: OrderedDict[str, bytes] = OrderedDict()
         self._used = 0
         self._lock = threading.Lock()
-        self._hits = 0
-        self._misses = 0
-        self._puts = 0
-        self._rejected = 0
-        self._evictions = 0
+        self._stats = BackendStats(name=name, budget_bytes=self._budget)  # cumulative counters
 
     @property
     def budget_bytes(self) -> int:
@@ -52,10 +49,10 @@ class MemoryBackend:
         with self._lock:
             value = self._data.get(key)
             if value is None:
-                self._misses += 1
+                self._stats.misses += 1
                 return None
             self._data.move_to_end(key)
-            self._hits += 1
+            self._stats.hits += 1
             return value
 
     def put(self, key: str, value: bytes) -> bool:
@@ -67,7 +64,7 @@ class MemoryBackend:
                 self._used -= len(old)
             if self._budget == 0 or size > self._budget:
                 # Never evict for a value that cannot fit anyway; drop the stale old value.
-                self._rejected += 1
+                self._stats.rejected_puts += 1
                 logger.debug(
                     "%s: refused %d bytes for %s (budget %d)", self.name, size, key, self._budget
                 )
@@ -75,10 +72,10 @@ class MemoryBackend:
             while self._used + size > self._budget:
                 _, victim = self._data.popitem(last=False)
                 self._used -= len(victim)
-                self._evictions += 1
+                self._stats.evictions += 1
             self._data[key] = value
             self._used += size
-            self._puts += 1
+            self._stats.puts += 1
             return True
 
     def contains(self, key: str) -> bool:
@@ -110,17 +107,7 @@ class MemoryBackend:
     def stats(self) -> BackendStats:
         """A fresh snapshot of the counters."""
         with self._lock:
-            return BackendStats(
-                name=self.name,
-                entries=len(self._data),
-                used_bytes=self._used,
-                budget_bytes=self._budget,
-                hits=self._hits,
-                misses=self._misses,
-                puts=self._puts,
-                rejected_puts=self._rejected,
-                evictions=self._evictions,
-            )
+            return replace(self._stats, entries=len(self._data), used_bytes=self._used)
 
     def close(self) -> None:
         """Release the held frames now rather than when the object is collected."""
