@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
-from kvcellar.keys import namespace
+from kvcellar.kv import codecs
+from kvcellar.kv.chunk import KVChunk
 from kvcellar.kv.engine import CacheEngine
+from kvcellar.models.fairlock import FairLock
+from kvcellar.policies.pins import PinTable
 from kvcellar.storage.disk import DiskBackend
 from kvcellar.storage.memory import MemoryBackend
 from kvcellar.storage.tiered import TieredStore
 
 L, H, D = 3, 2, 4
 CHUNK = 8
+FP = "m|x|float32|L3H2D4"
 
 
 def kv_for(tokens: list[int]) -> torch.Tensor:
@@ -28,7 +33,7 @@ def make_engine(tmp_path=None, tenant="t1", partial=False, mem=10**6) -> CacheEn
     tiers = [MemoryBackend(mem)]
     if tmp_path is not None:
         tiers.append(DiskBackend(tmp_path / "disk", 10**6))
-    return CacheEngine(TieredStore(tiers), namespace("m|x|float32|L3H2D4", tenant), CHUNK, partial)
+    return CacheEngine(TieredStore(tiers), FP, tenant, CHUNK, partial)
 
 
 def test_store_then_lookup_and_retrieve_longest_prefix():
@@ -77,7 +82,7 @@ def test_tenants_do_not_share(tmp_path):
     a = make_engine(tmp_path, tenant="a")
     tokens = list(range(50))
     a.store(tokens, kv_for(tokens))
-    b = CacheEngine(a.storage, namespace("m|x|float32|L3H2D4", "b"), CHUNK)
+    b = a.for_tenant("b")
     assert b.lookup(tokens) == 0 and b.retrieve(tokens) == (None, 0)
 
 
@@ -118,3 +123,65 @@ def test_concurrent_store_and_retrieve_never_mix_up():
     assert not failures
     st = eng.stats()
     assert st["tiers"][0]["used_bytes"] <= 40_000 and st["engine"]["stored_chunks"] > 0
+
+
+def test_pinned_chunks_survive_pressure_and_expire():
+    clock = [0.0]
+    pins = PinTable(clock=lambda: clock[0])
+    frame = len(
+        codecs.encode(KVChunk(kv_for(list(range(8))), tuple(range(8))), codecs.get_codec("raw"))
+    )
+    eng = CacheEngine(TieredStore([MemoryBackend(3 * frame, pins=pins)]), FP, "t", CHUNK, pins=pins)
+    agent = list(range(1000, 1016))  # 2 chunks
+    eng.store(agent, kv_for(agent))
+    assert eng.pin(agent, ttl_s=30) == 16
+    for i in range(5):  # other traffic that would evict the agent's prefix under plain LRU
+        other = [i * 100 + j for j in range(8)]
+        eng.store(other, kv_for(other))
+    assert eng.lookup(agent) == 16
+    assert eng.stats()["engine"]["pinned_chunks"] == 2
+    clock[0] = 31.0  # the pause is over: the pins lapse and LRU applies again
+    for i in range(5, 8):
+        other = [i * 100 + j for j in range(8)]
+        eng.store(other, kv_for(other))
+    assert eng.lookup(agent) == 0
+
+
+def test_put_refused_when_only_pinned_entries_could_make_room():
+    pins = PinTable()
+    mem = MemoryBackend(100, pins=pins)
+    mem.put("a", b"x" * 60)
+    pins.pin(["a"])
+    assert not mem.put("b", b"y" * 60)
+    assert mem.get("a") == b"x" * 60 and mem.stats().used_bytes == 60
+    assert pins.unpin(["a"]) == 1
+    assert mem.put("b", b"y" * 60) and not mem.contains("a")
+
+
+def test_lookup_per_tier_and_clear_one_tenant(tmp_path):
+    a = make_engine(tmp_path, tenant="a")
+    b = a.for_tenant("b")
+    tokens = list(range(40))
+    a.store(tokens, kv_for(tokens))
+    b.store(tokens, kv_for(tokens))
+    a.storage.tiers[0].clear()
+    assert a.lookup_per_tier(tokens) == {"memory": 0, "disk": 40 // CHUNK * CHUNK}
+    assert a.clear_tenant() == 5  # 5 chunks on disk, none left in memory
+    assert a.lookup(tokens) == 0 and b.lookup(tokens) == 40
+
+
+def test_fair_lock_serves_in_arrival_order():
+    lock = FairLock()
+    order: list[int] = []
+    lock.acquire()
+    threads = []
+    for i in range(4):
+        t = threading.Thread(target=lambda i=i: (lock.acquire(), order.append(i), lock.release()))
+        t.start()
+        threads.append(t)
+        while lock.waiting() < i + 1:  # queue them in a known order
+            time.sleep(0.001)
+    lock.release()
+    for t in threads:
+        t.join()
+    assert order == [0, 1, 2, 3]

@@ -10,7 +10,7 @@ import sys
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvcellar.keys import chunk_keys, chunk_spans, namespace
+from kvcellar.keys import chunk_keys, chunk_spans, namespace, namespace_tag
 
 tokens_st = st.lists(st.integers(min_value=0, max_value=2**31 - 1), min_size=0, max_size=300)
 chunk_st = st.integers(min_value=1, max_value=64)
@@ -76,4 +76,5 @@ def test_keys_identical_in_another_process():
         env=env,
     )
     assert json.loads(out.stdout) == here
-    assert all(len(k) == 32 and int(k, 16) >= 0 for ks in here for k in ks)
+    assert all(len(k) == 40 and int(k, 16) >= 0 for ks in here for k in ks)
+    assert all(k.startswith(namespace_tag(NS)) for ks in here for k in ks)

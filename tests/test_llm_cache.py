@@ -196,3 +196,59 @@ def test_stop_strings_and_sampling_are_reproducible(make_llm):
     word = greedy.text.split()[1]
     cut = llm.chat(prompt, max_tokens=MAX_NEW, stop=[word])
     assert cut.finish_reason == "stop" and word not in cut.text and greedy.text.startswith(cut.text)
+
+
+def test_stream_deltas_rebuild_the_text(make_llm):
+    llm = make_llm(disk_bytes=0)
+    prompt = _chat("List the weekly checks.")
+    events = list(llm.stream(prompt, max_tokens=MAX_NEW))
+    out = events[-1].output
+    assert out is not None and all(e.output is None for e in events[:-1])
+    assert "".join(e.delta for e in events) == out.text
+    greedy = llm.generate(prompt, max_tokens=MAX_NEW)
+    assert greedy.token_ids == out.token_ids and greedy.cached_tokens > 0
+    stop = out.text.split()[2]
+    cut = list(llm.stream(prompt, max_tokens=MAX_NEW, stop=stop))
+    assert "".join(e.delta for e in cut) == cut[-1].output.text and stop not in cut[-1].output.text
+
+
+def test_tenants_never_reuse_each_others_kv(make_llm):
+    llm = make_llm(disk_bytes=0, chunk_size=CHUNK)
+    prompt = _chat("Who may not climb above the second landing?")
+    a = llm.generate(prompt, max_tokens=4, tenant="alice")
+    again = llm.generate(prompt, max_tokens=4, tenant="alice")
+    b = llm.generate(prompt, max_tokens=4, tenant="bob")
+    assert a.cached_tokens == 0 and again.cached_tokens > 0 and b.cached_tokens == 0
+    assert a.token_ids == again.token_ids == b.token_ids
+    assert llm.engine_for("alice").clear_tenant() > 0
+    assert llm.engine_for("alice").lookup(llm.tokenize(prompt)) == 0
+    assert llm.engine_for("bob").lookup(llm.tokenize(prompt)) > 0
+
+
+def test_concurrent_streams_interleave_and_match_sequential(make_llm):
+    import threading
+
+    llm = make_llm(disk_bytes=0, chunk_size=CHUNK)
+    prompts = [
+        _chat(q) for q in ("How tall is the tower?", "What colour is it?", "Who is Ilse Marrow?")
+    ]
+    expected = [_baseline(llm, p) for p in prompts]
+    results: dict[int, list[int]] = {}
+    first_token_at: dict[int, int] = {}
+    ticks: list[int] = []
+
+    def run(i: int) -> None:
+        for ev in llm.stream(prompts[i], max_tokens=MAX_NEW):
+            ticks.append(i)
+            first_token_at.setdefault(i, len(ticks))
+            if ev.output is not None:
+                results[i] = ev.output.token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(3)] == expected
+    # Fair scheduling: every stream started before any one of them finished.
+    assert max(first_token_at.values()) < min(len(ticks) - ticks[::-1].index(i) for i in range(3))

@@ -8,8 +8,9 @@ next turn of a conversation reuses its whole history.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class GenerationOutput:
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     ttft_s: float
     total_s: float
+    queue_s: float = 0.0  # waiting for the model before the prefill (other requests running)
     load_s: float = 0.0  # cache lookup + KV load, before the prefill
     prefill_s: float = 0.0
     store_s: float = 0.0  # saving new chunks after decoding (not part of TTFT)
@@ -48,6 +50,50 @@ class GenerationOutput:
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+
+@dataclass
+class StreamEvent:
+    """A piece of streamed text; the last event of a stream has ``output`` set (and no text)."""
+
+    delta: str
+    token_id: int | None
+    output: GenerationOutput | None = None
+
+
+class _TextStream:
+    """Turns a growing list of token ids into text deltas that are safe to show.
+
+    It holds back an incomplete UTF-8 character (decoded as U+FFFD) and anything that could be
+    the start of a stop string, and cuts the text at the first stop string.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: list[str]) -> None:
+        self._decode = decode
+        self._stops = stops
+        self._hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""
+        self._emitted = 0
+
+    def _cut(self, text: str) -> tuple[str, bool]:
+        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+        return (text[:cut], True) if cut >= 0 else (text, False)
+
+    def update(self, ids: list[int]) -> tuple[str, bool]:
+        self.text, stopped = self._cut(self._decode(ids))
+        safe = len(self.text) if stopped else len(self.text.rstrip("\ufffd")) - self._hold
+        return self._take(safe), stopped
+
+    def finish(self, ids: list[int]) -> str:
+        self.text, _ = self._cut(self._decode(ids))
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self._emitted:
+            return ""
+        delta = self.text[self._emitted : upto]
+        self._emitted = upto
+        return delta
 
 
 class LLM:
@@ -70,6 +116,8 @@ class LLM:
         self.engine: CacheEngine | None = (
             CacheEngine.from_settings(s, self.runner.fingerprint) if s.enabled else None
         )
+        self._engines: dict[str, CacheEngine] = {}
+        self._engines_lock = threading.Lock()
 
     # --- prompts ----------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -98,7 +146,28 @@ class LLM:
             raise ValueError("chat() takes a non-empty list of {'role', 'content'} messages")
         return self.generate(messages, **kwargs)
 
-    def generate(
+    def engine_for(self, tenant: str | None) -> CacheEngine | None:
+        """The cache engine of ``tenant`` (None: the configured one); all share the same tiers.
+
+        Tenants salt the key namespace, so one tenant can never load another's KV.
+        """
+        if self.engine is None or tenant is None or tenant == self.settings.tenant:
+            return self.engine
+        with self._engines_lock:
+            engine = self._engines.get(tenant)
+            if engine is None:
+                engine = self.engine.for_tenant(tenant)
+                self._engines[tenant] = engine
+            return engine
+
+    def generate(self, prompt: Prompt, **kwargs: Any) -> GenerationOutput:
+        """Complete ``prompt``; keywords as for :meth:`stream`."""
+        for event in self.stream(prompt, **kwargs):
+            if event.output is not None:
+                return event.output
+        raise AssertionError("stream ended without an output")  # pragma: no cover
+
+    def stream(
         self,
         prompt: Prompt,
         max_tokens: int = 64,
@@ -107,70 +176,74 @@ class LLM:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         use_cache: bool | None = None,
-    ) -> GenerationOutput:
-        """Complete ``prompt``. ``use_cache=False`` bypasses the cache for this call only."""
+        tenant: str | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Complete ``prompt`` token by token; the last event carries the GenerationOutput.
+
+        ``use_cache=False`` bypasses the cache for this call only; ``tenant`` picks whose cache.
+        The model lock is taken per forward step (FIFO), so concurrent streams interleave fairly.
+        """
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = [s for s in ([stop] if isinstance(stop, str) else list(stop or [])) if s]
         t0 = time.perf_counter()
         ids = self.tokenize(prompt)
         self.runner.check_length(len(ids), max_tokens)
-        engine = self.engine if (use_cache if use_cache is not None else True) else None
+        engine = self.engine_for(tenant) if use_cache is not False else None
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        text_out = _TextStream(self.runner.decode, stops)
 
+        cached, load_s, tiers, codecs_used, cache = 0, 0.0, [], [], None
         with self.runner.lock:
-            cached, load_s, tiers, codecs_used, cache = 0, 0.0, [], [], None
+            queue_s = time.perf_counter() - t0
             if engine is not None:
                 hit = engine.retrieve_detailed(ids)
                 load_s, tiers, codecs_used = hit.load_s, hit.chunk_tiers, hit.chunk_codecs
                 if hit.kv is not None:
                     # At least one prompt token must run through the model to get logits.
                     cached = min(hit.n_tokens, len(ids) - 1)
-                    cache = self.runner.new_cache(hit.kv[:, :, :, :cached] if cached else None)
+                    if cached:
+                        cache = self.runner.new_cache(hit.kv[:, :, :, :cached])
             if cache is None:
                 cache = self.runner.new_cache()
             t_pre = time.perf_counter()
             logits = self.runner.forward(ids[cached:], cache)
             prefill_s = time.perf_counter() - t_pre
-            out_ids: list[int] = []
-            tok = next_token(logits, temperature, top_p, generator)
-            ttft = time.perf_counter() - t0
-            finish, text = "length", ""
-            while True:
-                if tok in self.runner.eos_token_ids:
-                    finish = "stop"
-                    break
-                out_ids.append(tok)
-                if stops:
-                    text = self.runner.decode(out_ids)
-                    if any(s in text for s in stops):
-                        finish = "stop"
-                        break
-                if len(out_ids) >= max_tokens:
-                    break
+        out_ids: list[int] = []
+        tok = next_token(logits, temperature, top_p, generator)
+        ttft = time.perf_counter() - t0
+        finish = "length"
+        while True:
+            if tok in self.runner.eos_token_ids:
+                finish = "stop"
+                break
+            out_ids.append(tok)
+            delta, stopped = text_out.update(out_ids)
+            if delta:
+                yield StreamEvent(delta=delta, token_id=tok)
+            if stopped:
+                finish = "stop"
+                break
+            if len(out_ids) >= max_tokens:
+                break
+            with self.runner.lock:
                 logits = self.runner.forward([tok], cache)
-                tok = next_token(logits, temperature, top_p, generator)
+            tok = next_token(logits, temperature, top_p, generator)
+        tail = text_out.finish(out_ids)
+        if tail:
+            yield StreamEvent(delta=tail, token_id=None)
 
-            stored, t_store = 0, time.perf_counter()
-            if engine is not None:
-                # The cache holds every prompt token and every generated token fed back so far.
-                seq = ids + out_ids
-                n_cached = self.runner.cache_length(cache)
-                stored = engine.store(
-                    seq[:n_cached], lambda s, e: self.runner.kv_slice(cache, s, e)
-                )
-
-            store_s = time.perf_counter() - t_store
-
-        text = self.runner.decode(out_ids)
-        if stops:
-            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                text = text[:cut]
-        return GenerationOutput(
-            text=text,
+        stored, t_store = 0, time.perf_counter()
+        if engine is not None:
+            # The cache holds every prompt token and every generated token fed back so far.
+            n_cached = self.runner.cache_length(cache)
+            seq = ids + out_ids
+            stored = engine.store(seq[:n_cached], lambda s, e: self.runner.kv_slice(cache, s, e))
+        store_s = time.perf_counter() - t_store
+        output = GenerationOutput(
+            text=text_out.text,
             token_ids=out_ids,
             prompt_tokens=len(ids),
             cached_tokens=cached,
@@ -178,6 +251,7 @@ class LLM:
             finish_reason=finish,
             ttft_s=ttft,
             total_s=time.perf_counter() - t0,
+            queue_s=queue_s,
             load_s=load_s,
             prefill_s=prefill_s,
             store_s=store_s,
@@ -185,6 +259,7 @@ class LLM:
             chunk_tiers=tiers,
             chunk_codecs=codecs_used,
         )
+        yield StreamEvent(delta="", token_id=None, output=output)
 
     def close(self) -> None:
         if self.engine is not None:

@@ -18,9 +18,10 @@ import torch
 
 from kvcellar.config import Settings
 from kvcellar.errors import CodecError
-from kvcellar.keys import chunk_keys, chunk_spans, namespace
+from kvcellar.keys import chunk_keys, chunk_spans, namespace, namespace_tag
 from kvcellar.kv import codecs
 from kvcellar.kv.chunk import TOKEN_DIM, KVChunk
+from kvcellar.policies.pins import PinTable
 from kvcellar.storage.base import Backend
 from kvcellar.storage.tiered import TieredStore
 
@@ -62,13 +63,18 @@ class CacheEngine:
     def __init__(
         self,
         store: TieredStore,
-        namespace: str,
+        model_fingerprint: str,
+        tenant: str = "default",
         chunk_size: int = 256,
         save_partial_chunks: bool = False,
         codec: str = "raw",
+        pins: PinTable | None = None,
     ) -> None:
         self.storage = store
-        self.namespace = namespace
+        self.model_fingerprint = model_fingerprint
+        self.tenant = tenant
+        self.namespace = namespace(model_fingerprint, tenant)
+        self.pins = pins if pins is not None else PinTable()
         self.chunk_size = chunk_size
         self.save_partial_chunks = save_partial_chunks
         self.codec = codecs.get_codec(codec)
@@ -171,22 +177,64 @@ class CacheEngine:
         from kvcellar.storage.disk import DiskBackend
         from kvcellar.storage.memory import MemoryBackend
 
+        pins = PinTable()
         tiers: list[Backend] = []
         if settings.memory_bytes > 0:
-            tiers.append(MemoryBackend(settings.memory_bytes))
+            tiers.append(MemoryBackend(settings.memory_bytes, pins=pins))
         if settings.disk_bytes > 0:
-            tiers.append(DiskBackend(settings.resolved_disk_path(), settings.disk_bytes))
+            tiers.append(DiskBackend(settings.resolved_disk_path(), settings.disk_bytes, pins=pins))
         return cls(
             TieredStore(tiers),
-            namespace(model_fingerprint, settings.tenant),
+            model_fingerprint,
+            settings.tenant,
             chunk_size=settings.chunk_size,
             save_partial_chunks=settings.save_partial_chunks,
             codec=settings.codec,
+            pins=pins,
         )
+
+    def for_tenant(self, tenant: str) -> CacheEngine:
+        """An engine over the same tiers and pins whose keys are salted by ``tenant``."""
+        return CacheEngine(
+            self.storage,
+            self.model_fingerprint,
+            tenant,
+            chunk_size=self.chunk_size,
+            save_partial_chunks=self.save_partial_chunks,
+            codec=self.codec.name,
+            pins=self.pins,
+        )
+
+    # --- controller operations ---------------------------------------------------------------
+    def lookup_per_tier(self, tokens: Sequence[int]) -> dict[str, int]:
+        """Cached prefix length in tokens, tier by tier (a tier alone, not the union)."""
+        keys, spans = self._keys(tokens)
+        return {
+            name: (spans[n - 1][1] if n else 0)
+            for name, n in self.storage.contains_prefix_per_tier(keys).items()
+        }
+
+    def pin(self, tokens: Sequence[int], ttl_s: float | None = None) -> int:
+        """Keep the cached prefix of ``tokens`` from eviction for ``ttl_s`` seconds (None: until
+        unpinned); returns how many tokens are pinned."""
+        keys, spans = self._keys(tokens)
+        n = self.storage.contains_prefix(keys)
+        self.pins.pin(keys[:n], ttl_s)
+        return spans[n - 1][1] if n else 0
+
+    def unpin(self, tokens: Sequence[int]) -> int:
+        """Release the pins of ``tokens``' chunks; returns how many chunks were pinned."""
+        keys, _ = self._keys(tokens)
+        return self.pins.unpin(keys)
+
+    def clear_tenant(self) -> int:
+        """Delete every chunk of this engine's namespace (model + tenant) from every tier."""
+        return self.storage.delete_prefix(namespace_tag(self.namespace))
 
     def stats(self) -> dict[str, object]:
         with self._lock:
             engine = dict(self._stats.__dict__)
+        engine["pinned_chunks"] = self.pins.count()
         return {"engine": engine, "tiers": [t.__dict__ for t in self.storage.stats()]}
 
     def clear(self) -> None:

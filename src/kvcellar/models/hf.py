@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from kvcellar.errors import ModelLoadError, PromptTooLongError
 from kvcellar.kv.chunk import bytes_per_token
+from kvcellar.models.fairlock import FairLock
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 
 
 class HFRunner:
-    """One loaded model + tokenizer. ``forward`` calls are serialised by a lock (CPU, one at a time)."""
+    """One loaded model + tokenizer. Callers hold ``lock`` around ``forward`` (one at a time on CPU)."""
 
     def __init__(
         self, model_dir: Path, dtype: str = "float32", threads: int = 0, name: str = ""
@@ -63,7 +63,7 @@ class HFRunner:
         )
         self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
         self.fingerprint = self._fingerprint(dtype)
-        self.lock = threading.Lock()
+        self.lock = FairLock()
 
     def _fingerprint(self, dtype: str) -> str:
         """Model identity for cache namespaces: weights files, config, dtype and KV shape.

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+from kvcellar.policies.pins import PinTable
 from kvcellar.storage.base import BackendStats
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,13 @@ class DiskBackend:
     """
 
     def __init__(
-        self, path: str | Path, budget_bytes: int, name: str = "disk", *, fsync: bool = False
+        self,
+        path: str | Path,
+        budget_bytes: int,
+        name: str = "disk",
+        *,
+        fsync: bool = False,
+        pins: PinTable | None = None,
     ) -> None:
         if budget_bytes < 0:
             raise ValueError(
@@ -86,6 +93,7 @@ class DiskBackend:
         self._root = Path(path)
         self._budget = int(budget_bytes)
         self._fsync = fsync
+        self._pins = pins
         self._lock = threading.RLock()
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> size, least recent first
         self._used = 0
@@ -195,10 +203,20 @@ class DiskBackend:
         return True
 
     def _evict_until(self, limit: int) -> bool:
-        """Evict least recently used entries until ``used <= limit``; False if stuck."""
-        for victim in list(self._index):
-            if self._used <= limit:
+        """Evict least recently used unpinned entries until ``used <= limit``; False if stuck.
+
+        Nothing is evicted when the goal cannot be reached (too much is pinned).
+        """
+        victims, freed = [], 0
+        for key, size in self._index.items():
+            if self._used - freed <= limit:
                 break
+            if self._pins is None or not self._pins.is_pinned(key):
+                victims.append(key)
+                freed += size
+        if self._used - freed > limit:
+            return False
+        for victim in victims:
             if self._remove(victim):
                 self._stats.evictions += 1
         return self._used <= limit
@@ -283,26 +301,33 @@ class DiskBackend:
             existed = key in self._index or self._path(key).exists()
             return self._remove(key) and existed
 
+    def _files_on_disk(self) -> list[str]:
+        """Keys of every ``.kvc`` file in the directory, ours or another process's."""
+        found: list[str] = []
+        try:
+            shards = [d.path for d in os.scandir(self._root) if d.is_dir(follow_symlinks=False)]
+        except OSError as exc:
+            self._error("%s: cannot scan %s (%s)", self.name, self._root, exc)
+            return found
+        for shard in shards:
+            with contextlib.suppress(OSError):
+                found.extend(
+                    f.name[: -len(SUFFIX)] for f in os.scandir(shard) if f.name.endswith(SUFFIX)
+                )
+        return found
+
     def keys(self) -> Iterator[str]:
-        """Snapshot of indexed keys (files of other processes not yet adopted are not listed)."""
+        """Snapshot of the keys on disk: indexed ones least recent first, then files other
+        processes wrote."""
         with self._lock:
-            return iter(list(self._index))
+            others = [k for k in self._files_on_disk() if k not in self._index]
+            return iter([*self._index, *others])
 
     def clear(self) -> None:
         """Remove every ``.kvc`` file in the directory, indexed or not."""
         with self._lock:
-            for key in list(self._index):
+            for key in set(self._index) | set(self._files_on_disk()):
                 self._remove(key)
-            try:
-                shards = [d.path for d in os.scandir(self._root) if d.is_dir(follow_symlinks=False)]
-            except OSError as exc:
-                self._error("%s: cannot scan %s (%s)", self.name, self._root, exc)
-                return
-            for shard in shards:
-                with contextlib.suppress(OSError):
-                    for f in os.scandir(shard):
-                        if f.name.endswith(SUFFIX):
-                            self._remove(f.name[: -len(SUFFIX)])
 
     def stats(self) -> BackendStats:
         """A fresh snapshot of the counters."""

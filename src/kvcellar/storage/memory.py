@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import replace
 
+from kvcellar.policies.pins import PinTable
 from kvcellar.storage.base import BackendStats
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,9 @@ class MemoryBackend:
     already replaced, and the tier would silently serve a stale value.
     """
 
-    def __init__(self, budget_bytes: int, name: str = "memory") -> None:
+    def __init__(
+        self, budget_bytes: int, name: str = "memory", pins: PinTable | None = None
+    ) -> None:
         if budget_bytes < 0:
             raise ValueError(
                 f"budget_bytes must be >= 0 (got {budget_bytes}); use 0 to disable the memory tier"
@@ -38,6 +41,7 @@ class MemoryBackend:
         self._used = 0
         self._lock = threading.Lock()
         self._stats = BackendStats(name=name, budget_bytes=self._budget)  # cumulative counters
+        self._pins = pins
 
     @property
     def budget_bytes(self) -> int:
@@ -62,21 +66,33 @@ class MemoryBackend:
             old = self._data.pop(key, None)
             if old is not None:
                 self._used -= len(old)
-            if self._budget == 0 or size > self._budget:
+            victims = self._victims(self._used + size - self._budget)
+            if self._budget == 0 or size > self._budget or victims is None:
                 # Never evict for a value that cannot fit anyway; drop the stale old value.
                 self._stats.rejected_puts += 1
                 logger.debug(
                     "%s: refused %d bytes for %s (budget %d)", self.name, size, key, self._budget
                 )
                 return False
-            while self._used + size > self._budget:
-                _, victim = self._data.popitem(last=False)
-                self._used -= len(victim)
+            for victim in victims:
+                self._used -= len(self._data.pop(victim))
                 self._stats.evictions += 1
             self._data[key] = value
             self._used += size
             self._stats.puts += 1
             return True
+
+    def _victims(self, need: int) -> list[str] | None:
+        """Least recently used unpinned keys freeing ``need`` bytes; None if they cannot."""
+        victims: list[str] = []
+        for key, value in self._data.items():
+            if need <= 0:
+                break
+            if self._pins is not None and self._pins.is_pinned(key):
+                continue
+            victims.append(key)
+            need -= len(value)
+        return victims if need <= 0 else None
 
     def contains(self, key: str) -> bool:
         """Presence only: lookups of whole prefixes must not disturb the LRU order."""

@@ -111,6 +111,41 @@ class TieredStore:
             n += 1
         return n
 
+    def contains_prefix_per_tier(self, keys: Sequence[str]) -> dict[str, int]:
+        """For each tier alone, the number of leading ``keys`` it holds."""
+        out: dict[str, int] = {}
+        for i, tier in enumerate(self._tiers):
+            n = 0
+            for key in keys:
+                if not self._call(i, "contains", partial(tier.contains, key), False):
+                    break
+                n += 1
+            out[self._tier_name(i)] = n
+        return out
+
+    def delete_prefix(self, prefix: str, tier: str | None = None) -> int:
+        """Delete every key starting with ``prefix`` (in the tier named ``tier``, or all);
+        returns how many entries were deleted."""
+        deleted = 0
+        for i, t in enumerate(self._tiers):
+            if tier is not None and self._tier_name(i) != tier:
+                continue
+            for key in self._call(i, "keys", lambda t=t: list(t.keys()), []):
+                if key.startswith(prefix) and self._call(
+                    i, "delete", partial(t.delete, key), False
+                ):
+                    deleted += 1
+        return deleted
+
+    def clear_tier(self, name: str) -> None:
+        """Clear the tier called ``name``; unknown names raise ValueError."""
+        for i, tier in enumerate(self._tiers):
+            if self._tier_name(i) == name:
+                self._call(i, "clear", tier.clear, None)
+                return
+        known = ", ".join(self._tier_name(i) for i in range(len(self._tiers))) or "none"
+        raise ValueError(f"no tier named {name!r} (tiers: {known})")
+
     def delete(self, key: str) -> bool:
         """Delete from every tier (all of them: a copy left anywhere would be served again)."""
         present = False
