@@ -226,7 +226,7 @@ def main() -> None:
     p.add_argument("--users", type=int, default=2)
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument(
-        "--sentences", type=int, default=4, help="notes sentences per question (~17 tokens each)"
+        "--sentences", type=int, default=4, help="notes sentences per question (~15 tokens each)"
     )
     p.add_argument("--answer-tokens", type=int, default=24)
     p.add_argument("--chunk-size", type=int, default=256)

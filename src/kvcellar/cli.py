@@ -162,6 +162,97 @@ def chat(
     llm.close()
 
 
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="listen address (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="listen port (default 8000)")] = None,
+    model: ModelOpt = None,
+    chunk_size: ChunkOpt = None,
+    memory_bytes: MemOpt = None,
+    disk_path: DiskPathOpt = None,
+    disk_bytes: DiskBytesOpt = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="serve the plain model")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Serve the OpenAI-compatible API (chat, completions, models) plus /cache/* and /metrics."""
+    _setup_logging(verbose)
+    logging.getLogger("kvcellar").setLevel(logging.INFO)
+    settings = _settings(
+        config,
+        host=host,
+        port=port,
+        model=model,
+        chunk_size=chunk_size,
+        memory_bytes=memory_bytes,
+        disk_path=disk_path,
+        disk_bytes=disk_bytes,
+        enabled=False if no_cache else None,
+    )
+    from kvcellar.server.app import run
+
+    try:
+        run(settings)
+    except KvcellarError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+UrlOpt = Annotated[
+    str | None, typer.Option(help="a running server (e.g. http://127.0.0.1:8000); else local tiers")
+]
+KeyOpt = Annotated[str | None, typer.Option(envvar="KVCELLAR_API_KEY", help="API key for --url")]
+TextArg = Annotated[str, typer.Option("--text", help="prompt text whose cached prefix to use")]
+
+
+def _controller(url: str, api_key: str | None) -> Any:
+    from kvcellar.controller import CacheController
+
+    return CacheController(url, api_key)
+
+
+def _remote(fn: Any) -> None:
+    from rich.pretty import pprint
+
+    try:
+        pprint(fn(), expand_all=True)
+    except KvcellarError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+
+@cache_app.command("lookup")
+def cache_lookup(text: TextArg, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+    """How many tokens of a prompt a running server has cached, per tier."""
+    if url is None:
+        console.print("[red]error:[/red] lookup needs --url (the memory tier lives in the server)")
+        raise typer.Exit(2)
+    _remote(lambda: _controller(url, api_key).lookup(text=text))
+
+
+@cache_app.command("pin")
+def cache_pin(
+    text: TextArg,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    ttl: Annotated[float | None, typer.Option(help="seconds (default: until unpinned)")] = None,
+) -> None:
+    """Keep a prompt's cached prefix from eviction on a running server."""
+    if url is None:
+        console.print("[red]error:[/red] pin needs --url")
+        raise typer.Exit(2)
+    _remote(lambda: _controller(url, api_key).pin(text=text, ttl_s=ttl))
+
+
+@cache_app.command("unpin")
+def cache_unpin(text: TextArg, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+    """Release the pins of a prompt's chunks on a running server."""
+    if url is None:
+        console.print("[red]error:[/red] unpin needs --url")
+        raise typer.Exit(2)
+    _remote(lambda: _controller(url, api_key).unpin(text=text))
+
+
 def _local_tiers(settings: Settings) -> list[Any]:
     from kvcellar.storage.disk import DiskBackend
 
@@ -172,9 +263,16 @@ def _local_tiers(settings: Settings) -> list[Any]:
 
 @cache_app.command("stats")
 def cache_stats(
-    config: ConfigOpt = None, disk_path: DiskPathOpt = None, disk_bytes: DiskBytesOpt = None
+    config: ConfigOpt = None,
+    disk_path: DiskPathOpt = None,
+    disk_bytes: DiskBytesOpt = None,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
 ) -> None:
-    """Entries and bytes of the disk tier (the memory tier lives inside a running process)."""
+    """Entries and bytes per tier: of a running server (--url) or of the local disk tier."""
+    if url is not None:
+        _remote(lambda: _controller(url, api_key).stats())
+        return
     settings = _settings(config, disk_path=disk_path, disk_bytes=disk_bytes)
     table = Table(title="kvcellar local tiers")
     for col in ("tier", "path", "entries", "used", "budget", "use %"):
@@ -200,8 +298,18 @@ def cache_clear(
     config: ConfigOpt = None,
     disk_path: DiskPathOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    tenant: TenantOpt = None,
+    tier: Annotated[str | None, typer.Option(help="with --url: clear this tier only")] = None,
+    everything: Annotated[bool, typer.Option("--all", help="with --url: every tenant")] = False,
 ) -> None:
-    """Delete every KV chunk of the disk tier."""
+    """Delete cached KV: the local disk tier, or on a server (--url) the caller's tenant."""
+    if url is not None:
+        _remote(
+            lambda: _controller(url, api_key).clear(tenant=tenant, tier=tier, everything=everything)
+        )
+        return
     settings = _settings(config, disk_path=disk_path)
     tiers = _local_tiers(settings)
     if not tiers:

@@ -100,6 +100,25 @@ class Settings(BaseSettings):
     codec: str = Field("raw", description="KV codec for stored chunks: raw (exact) or fp16")
     dtype: str = Field("float32", description="compute dtype of the model")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
+    # --- server ---
+    host: str = Field("127.0.0.1", description="address `kvcellar serve` listens on")
+    port: int = Field(8000, ge=0, le=65535, description="port `kvcellar serve` listens on")
+    api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="API key -> tenant; empty = open server, one tenant (env: a JSON object)",
+    )
+    admin_keys: list[str] = Field(
+        default_factory=list, description="API keys that may clear or inspect every tenant"
+    )
+    max_concurrent_requests: int = Field(
+        8, ge=1, description="requests generating at once; later ones wait in the queue"
+    )
+    max_queued_requests: int = Field(
+        256, ge=0, description="requests allowed to wait; beyond that the server answers 429"
+    )
+    served_model_name: str | None = Field(
+        None, description="model id shown in /v1/models (default: the model's name)"
+    )
     model_cache_dir: Path = Field(
         Path(os.path.expanduser("~/.cache/kvcellar")),
         description="where converted model weights are kept",
