@@ -44,7 +44,8 @@ def test_precedence_yaml_env_keyword(tmp_path, monkeypatch):
 
 def test_defaults():
     s = Settings.load()
-    assert s.enabled and s.chunk_size == 256 and not s.save_partial_chunks and s.codec == "raw"
+    assert s.enabled and s.chunk_size == 256 and not s.save_partial_chunks
+    assert (s.memory_codec, s.disk_codec, s.remote_codec) == ("raw", "raw", "raw")
 
 
 @pytest.mark.parametrize(
@@ -52,7 +53,10 @@ def test_defaults():
     [
         ({"chunk_size": 0}, "chunk_size"),
         ({"memory_bytes": "huge"}, "memory_bytes"),
-        ({"codec": "zip"}, "codec"),
+        ({"disk_codec": "zip"}, "disk_codec"),
+        ({"memory_codec": "kivi3"}, "memory_codec"),
+        ({"remote_codec": ""}, "remote_codec"),
+        ({"codec": "fp16"}, "codec"),
         ({"chunk_sizee": 5}, "chunk_sizee"),
         ({"enabled": "perhaps"}, "enabled"),
     ],

@@ -97,7 +97,14 @@ class Settings(BaseSettings):
     tenant: str = Field(
         "default", min_length=1, max_length=256, description="salts every cache key"
     )
-    codec: str = Field("raw", description="KV codec for stored chunks: raw (exact) or fp16")
+    memory_codec: str = Field(
+        "raw", description="KV codec of the memory tier (raw = exact; see kvcellar.kv.codecs)"
+    )
+    disk_codec: str = Field("raw", description="KV codec of the disk tier")
+    remote_codec: str = Field("raw", description="KV codec of the remote (Redis) tier")
+    kivi_group_size: int = Field(
+        64, ge=1, le=4096, description="KIVI group: tokens per key group, channels per value group"
+    )
     dtype: str = Field("float32", description="compute dtype of the model")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
     # --- server ---
@@ -133,7 +140,7 @@ class Settings(BaseSettings):
     def _size(cls, v: Any) -> int:
         return parse_size(v)
 
-    @field_validator("codec")
+    @field_validator("memory_codec", "disk_codec", "remote_codec")
     @classmethod
     def _codec(cls, v: str) -> str:
         from kvcellar.kv.codecs import codec_names
@@ -203,6 +210,8 @@ def _explain(exc: ValidationError, config_file: str | Path | None) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "is not a known setting (see `kvcellar chat --help` or config.py)"
+            if name == "codec":
+                msg = "was replaced by memory_codec, disk_codec and remote_codec (one per tier)"
         parts.append(f"setting '{name}' (env KVCELLAR_{name.upper()}): {msg}")
     where = f" in {config_file}" if config_file else ""
     return f"invalid configuration{where}: " + "; ".join(parts)

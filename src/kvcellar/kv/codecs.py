@@ -9,6 +9,15 @@ The checksum (xxh3-64, ~16 GB/s here, so it costs little on the hit path) covers
 frame except itself. Any process can decode any frame: the codec id and the original dtype travel
 with it. Decoding never returns wrong data: a short frame raises TruncatedFrameError, a flipped
 bit CorruptFrameError, an unknown codec UnknownCodecError.
+
+Codec parameters that decoding needs (bit widths, group sizes, scale dtype, per-layer steps) are
+not in this outer header: each parameterised codec starts its payload with its own small,
+versioned parameter header (see :mod:`kvcellar.kv.quant`). So the outer layout, and VERSION 1,
+stayed the same when the quantizing codecs were added: frames written before them still decode,
+and an older kvcellar reading a new codec's frame fails cleanly with UnknownCodecError.
+
+Codec ids (stable, written into frames): 1 raw, 2 fp16, 3 int8, 4 kivi2, 5 kivi4,
+6 int4-rotated, 7 cachegen.
 """
 
 from __future__ import annotations
@@ -16,13 +25,18 @@ from __future__ import annotations
 import struct
 import warnings
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import xxhash
 
-from kvcellar.errors import CorruptFrameError, TruncatedFrameError, UnknownCodecError
+from kvcellar.errors import (
+    CodecError,
+    CorruptFrameError,
+    TruncatedFrameError,
+    UnknownCodecError,
+)
 from kvcellar.kv.chunk import KVChunk
 
 MAGIC = b"KVCL"
@@ -51,6 +65,11 @@ class Codec(ABC):
     codec_id: ClassVar[int]
     name: ClassVar[str]
     lossless: ClassVar[bool]
+
+    def configured(self, **options: Any) -> Codec:
+        """This codec with user options applied (e.g. ``kivi_group_size``); options a codec does
+        not use are ignored. Decoding never needs them: parameters travel in the payload."""
+        return self
 
     @abstractmethod
     def encode_payload(self, kv: torch.Tensor) -> bytes:
@@ -120,12 +139,18 @@ def codec_names() -> list[str]:
 
 
 def get_codec(name: str) -> Codec:
+    """The registered codec called ``name`` with its default parameters."""
     try:
         return _BY_NAME[name]
     except KeyError:
         raise UnknownCodecError(
             f"unknown codec {name!r}; known codecs: {', '.join(codec_names())}"
         ) from None
+
+
+def make_codec(name: str, **options: Any) -> Codec:
+    """The codec ``name`` configured with ``options`` (e.g. ``kivi_group_size=64``)."""
+    return get_codec(name).configured(**options)
 
 
 def encode(chunk: KVChunk, codec: Codec) -> bytes:
@@ -186,7 +211,16 @@ def decode(frame: bytes | bytearray | memoryview) -> KVChunk:
     pos += 4 * ndim
     tokens = tuple(np.frombuffer(mv[pos : pos + 4 * n_tokens], dtype="<i4").tolist())
     pos += 4 * n_tokens
-    kv = _REGISTRY[codec_id].decode_payload(mv[pos:], shape, _DTYPES[dtype_id])
+    try:
+        kv = _REGISTRY[codec_id].decode_payload(mv[pos:], shape, _DTYPES[dtype_id])
+    except CodecError:
+        raise
+    except (ValueError, RuntimeError, struct.error) as exc:
+        # A checksum-valid frame whose payload does not fit its header: written by a buggy or
+        # foreign encoder. Still a miss, never an exception escaping to the caller.
+        raise CorruptFrameError(f"frame payload does not match its header: {exc}") from None
+    if tuple(kv.shape) != tuple(shape):
+        raise CorruptFrameError(f"payload decoded to shape {tuple(kv.shape)}, header says {shape}")
     try:
         return KVChunk(kv, tokens)
     except ValueError as exc:
@@ -198,3 +232,7 @@ def frame_codec_name(frame: bytes | bytearray | memoryview) -> str:
     codec_id = memoryview(frame)[5]
     codec = _REGISTRY.get(codec_id)
     return codec.name if codec else f"unknown-{codec_id}"
+
+
+# The quantizing codecs register themselves; imported last because they subclass Codec.
+import kvcellar.kv.quant  # noqa: E402, F401

@@ -4,6 +4,14 @@ The engine turns tokens into chunk keys (:mod:`kvcellar.keys`), frames KV with a
 frames in a :class:`~kvcellar.storage.tiered.TieredStore`. It never returns wrong KV: a frame that
 fails its checksum is deleted and counted as a miss, and a frame whose stored token ids differ from
 the request's is a miss too.
+
+Each tier has its own codec, keyed by tier name ("memory", "disk", "remote"; settings
+``memory_codec``, ``disk_codec``, ``remote_codec``). ``store`` encodes a chunk once per distinct
+codec and writes each tier its own frame. Frames are self-describing, so ``retrieve`` decodes
+whatever it finds and reports the codec of every chunk it served (``chunk_codecs``): a frame
+promoted from disk to memory keeps its disk encoding. Lossy codecs are never used silently: the
+first engine of a process configured with one logs it at INFO, and the codec names reach
+``GenerationOutput.chunk_codecs``.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +34,18 @@ from kvcellar.storage.base import Backend
 from kvcellar.storage.tiered import TieredStore
 
 log = logging.getLogger(__name__)
+
+TIER_NAMES = ("memory", "disk", "remote")
+"""Tier names the per-tier codec settings refer to (the ``name`` of each tier's backend)."""
+
+_lossy_logged: set[tuple[str, str]] = set()
+_lossy_lock = threading.Lock()
+
+
+def _codec_identity(codec: codecs.Codec) -> tuple[int, str]:
+    """Codecs with the same id and options encode identically: encode once for all of them."""
+    return codec.codec_id, repr(sorted(vars(codec).items()))
+
 
 KVSource = Callable[[int, int], torch.Tensor]
 """Gives the KV of tokens [start, end) as [layers, 2, kv_heads, end - start, head_dim]."""
@@ -51,7 +71,7 @@ class EngineStats:
     miss_chunks: int = 0
     hit_tokens: int = 0
     stored_chunks: int = 0
-    stored_bytes: int = 0
+    stored_bytes: int = 0  # frame bytes accepted, summed over tiers
     skipped_chunks: int = 0
     corrupted_chunks: int = 0
     token_mismatches: int = 0
@@ -67,9 +87,11 @@ class CacheEngine:
         tenant: str = "default",
         chunk_size: int = 256,
         save_partial_chunks: bool = False,
-        codec: str = "raw",
+        codec: str | codecs.Codec = "raw",
         pins: PinTable | None = None,
+        tier_codecs: Mapping[str, str | codecs.Codec] | None = None,
     ) -> None:
+        """``codec`` is used by every tier not named in ``tier_codecs`` (tier name -> codec)."""
         self.storage = store
         self.model_fingerprint = model_fingerprint
         self.tenant = tenant
@@ -77,9 +99,38 @@ class CacheEngine:
         self.pins = pins if pins is not None else PinTable()
         self.chunk_size = chunk_size
         self.save_partial_chunks = save_partial_chunks
-        self.codec = codecs.get_codec(codec)
+        self.codec = codecs.get_codec(codec) if isinstance(codec, str) else codec
+        names = [str(getattr(t, "name", "")) for t in store.tiers]
+        given = dict(tier_codecs or {})
+        unknown = set(given) - set(TIER_NAMES) - set(names)
+        if unknown:
+            raise ValueError(
+                f"codec given for unknown tier(s) {sorted(unknown)}; tiers are "
+                f"{', '.join(TIER_NAMES)}"
+            )
+        self.tier_codecs: dict[str, codecs.Codec] = {
+            k: codecs.get_codec(v) if isinstance(v, str) else v for k, v in given.items()
+        }
+        self._tier_plan = [self.tier_codecs.get(n, self.codec) for n in names]
+        for name, c in zip(names, self._tier_plan, strict=True):
+            if not c.lossless:
+                with _lossy_lock:
+                    first = (name, c.name) not in _lossy_logged
+                    _lossy_logged.add((name, c.name))
+                if first:
+                    log.info(
+                        "tier %s stores KV with the lossy codec %s: answers served from it may "
+                        "differ from uncached ones (GenerationOutput.chunk_codecs names the codec "
+                        "of every reused chunk)",
+                        name,
+                        c.name,
+                    )
         self._stats = EngineStats()
         self._lock = threading.Lock()
+
+    def codec_for(self, tier: str) -> codecs.Codec:
+        """The codec that chunks written to the tier called ``tier`` are encoded with."""
+        return self.tier_codecs.get(tier, self.codec)
 
     def _keys(self, tokens: Sequence[int]) -> tuple[list[str], list[tuple[int, int]]]:
         spans = chunk_spans(len(tokens), self.chunk_size, self.save_partial_chunks)
@@ -161,10 +212,18 @@ class CacheEngine:
             if self.storage.contains(key):
                 skipped += 1
                 continue
-            frame = codecs.encode(KVChunk(source(start, end), tuple(tokens[start:end])), self.codec)
-            if self.storage.put(key, frame):
+            chunk = KVChunk(source(start, end), tuple(tokens[start:end]))
+            frames: dict[tuple[int, str], bytes] = {}
+            per_tier: dict[int, bytes] = {}
+            for i, codec in enumerate(self._tier_plan):
+                ident = _codec_identity(codec)
+                if ident not in frames:
+                    frames[ident] = codecs.encode(chunk, codec)
+                per_tier[i] = frames[ident]
+            accepted = self.storage.put_tiers(key, per_tier)
+            if accepted:
                 stored += 1
-                nbytes += len(frame)
+                nbytes += sum(len(per_tier[i]) for i in accepted)
         with self._lock:
             self._stats.stored_chunks += stored
             self._stats.skipped_chunks += skipped
@@ -173,7 +232,7 @@ class CacheEngine:
 
     @classmethod
     def from_settings(cls, settings: Settings, model_fingerprint: str) -> CacheEngine:
-        """Engine with the tiers the settings ask for: memory, then disk."""
+        """Engine with the tiers the settings ask for (memory, then disk) and their codecs."""
         from kvcellar.storage.disk import DiskBackend
         from kvcellar.storage.memory import MemoryBackend
 
@@ -189,8 +248,8 @@ class CacheEngine:
             settings.tenant,
             chunk_size=settings.chunk_size,
             save_partial_chunks=settings.save_partial_chunks,
-            codec=settings.codec,
             pins=pins,
+            tier_codecs=tier_codecs_from_settings(settings),
         )
 
     def for_tenant(self, tenant: str) -> CacheEngine:
@@ -201,8 +260,9 @@ class CacheEngine:
             tenant,
             chunk_size=self.chunk_size,
             save_partial_chunks=self.save_partial_chunks,
-            codec=self.codec.name,
+            codec=self.codec,
             pins=self.pins,
+            tier_codecs=self.tier_codecs,
         )
 
     # --- controller operations ---------------------------------------------------------------
@@ -242,3 +302,18 @@ class CacheEngine:
 
     def close(self) -> None:
         self.storage.close()
+
+
+def tier_codecs_from_settings(settings: Settings) -> dict[str, codecs.Codec]:
+    """Tier name -> configured codec, one instance per distinct codec name."""
+    made: dict[str, codecs.Codec] = {}
+    out = {}
+    for tier, name in (
+        ("memory", settings.memory_codec),
+        ("disk", settings.disk_codec),
+        ("remote", settings.remote_codec),
+    ):
+        if name not in made:
+            made[name] = codecs.make_codec(name, kivi_group_size=settings.kivi_group_size)
+        out[tier] = made[name]
+    return out

@@ -4,6 +4,12 @@ Tiers are ordered fastest first (memory, disk, Redis). A hit in a slow tier is c
 faster tier, so the next load of the same chunk is paid at memory speed. Writes go to every tier
 so a restart (memory lost) or another instance (sharing disk or Redis) still finds the chunk.
 
+Each tier may hold a different encoding of the same entry (``put_tiers``: e.g. raw frames in
+memory, 4-bit frames on disk). A promoted value is copied *as is*: storage knows bytes, not
+codecs, and KV frames are self-describing, so the faster tier then serves the slower tier's
+encoding (the engine reports the codec of every frame it serves). Re-encoding on promotion would
+cost an encode on the hit path and could not restore what a lossy codec dropped.
+
 A failing tier (Redis down, disk unmounted) must never fail a request: its exceptions are caught,
 counted in its ``errors`` and logged once when it starts failing and once when it recovers, not on
 every call (a dead Redis would otherwise flood the log on every chunk lookup).
@@ -13,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import TypeVar
@@ -85,10 +91,17 @@ class TieredStore:
 
     def put(self, key: str, value: bytes) -> int:
         """Write through to every tier; returns how many accepted (0: nothing cached)."""
-        accepted = 0
-        for i, tier in enumerate(self._tiers):
-            if self._call(i, "put", partial(tier.put, key, value), False):
-                accepted += 1
+        return len(self.put_tiers(key, dict.fromkeys(range(len(self._tiers)), value)))
+
+    def put_tiers(self, key: str, values: Mapping[int, bytes]) -> list[int]:
+        """Write ``values[i]`` into tier ``i`` (tiers not in ``values`` are left alone); returns
+        the indices of the tiers that accepted."""
+        accepted = []
+        for i, value in sorted(values.items()):
+            if not 0 <= i < len(self._tiers):
+                raise IndexError(f"no tier {i} (this store has {len(self._tiers)})")
+            if self._call(i, "put", partial(self._tiers[i].put, key, value), False):
+                accepted.append(i)
         return accepted
 
     def contains(self, key: str) -> bool:
