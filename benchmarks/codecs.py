@@ -383,7 +383,7 @@ def plot(res: dict, path: Path) -> None:
             fontsize=7,
         )
     b.axhline(95, color="grey", ls=":", lw=1)
-    b.set_ylim(min(agree) - 8, 104)
+    b.set_ylim(min(agree) - 8, 113)
     b.set_ylabel("next-token agreement with lossless cache (%)")
     b.set_title(f"quality ({res['prompts']} prompts x {res['continuation_tokens']} positions)")
     for mode, off, col in (("warm", -0.2, "tab:orange"), ("cold", 0.2, "tab:red")):
@@ -394,7 +394,9 @@ def plot(res: dict, path: Path) -> None:
         c.bar(x + off, load, 0.4, color=col, label=f"of which load, {label}")
     c.set_ylabel("ms")
     c.set_title(f"disk-tier hit, {res['ttft_prompt_tokens']}-token prompt (median)")
-    c.legend(fontsize=7)
+    top = max(1000 * r["ttft"][f"ttft_{m}_s"] for r in rows for m in ("warm", "cold"))
+    c.set_ylim(0, 1.5 * top)
+    c.legend(fontsize=7, loc="upper left", ncol=2)
     for ax in (a, b, c):
         ax.set_xticks(x, names, rotation=30, ha="right")
         ax.grid(axis="y", alpha=0.3)
