@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine_info import machine
 from workload import paragraph, user_turn
 
 from kvcellar.demo_script import SYSTEM_PROMPT
@@ -175,24 +175,6 @@ def summarise(res: dict, args: argparse.Namespace) -> dict:
         * (med([m["total_cache_miss_s"] / m["total_nocache_s"] for m in miss]) - 1)
         if miss
         else None,
-    }
-
-
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
     }
 
 
