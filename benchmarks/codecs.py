@@ -1,10 +1,12 @@
 """KV codecs on the real model and real text: size, speed, output quality and disk-hit TTFT.
 
 For every codec (raw, fp16, int8, kivi4, int4-rotated, cachegen, kivi2 at the default KIVI group
-of 64 and ``kivi2@192``, groups of 192):
+of 64 and ``kivi2@192``, groups of 192; ``kivi4+s0`` = kivi4 without the 4 attention-sink tokens
+kept in fp16, to show what they buy):
 
 - **size**: frame bytes per token (header and token ids included) and the ratio to fp16, over the
-  chunks of every prompt;
+  chunks after a sequence's first (the steady state of a long sequence) and over whole prompts
+  (whose first chunk carries the sink tokens in fp16);
 - **speed**: encode and decode throughput in MB/s of fp32 KV (the model's dtype), median over
   the chunks (``codecs.encode`` / ``codecs.decode``, checksum included);
 - **quality**, against the lossless (raw) cache, on N windows of the texts in
@@ -58,8 +60,30 @@ from kvcellar.llm import LLM
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DATA = HERE / "data"
-CODECS = ["raw", "fp16", "int8", "kivi4", "int4-rotated", "cachegen", "kivi2", "kivi2@192"]
+CODECS = [
+    "raw",
+    "fp16",
+    "int8",
+    "kivi4",
+    "kivi4+s0",
+    "int4-rotated",
+    "cachegen",
+    "kivi2",
+    "kivi2@192",
+]
 console = Console(width=170)
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``NAME[@G][+sN]``: codec NAME, KIVI group size G, N attention-sink tokens kept in fp16."""
+    rest, _, sinks = spec.partition("+s")
+    base, _, group = rest.partition("@")
+    options: dict = {}
+    if group:
+        options["kivi_group_size"] = int(group)
+    if sinks:
+        options["codec_sink_tokens"] = int(sinks)
+    return base, options
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -151,13 +175,13 @@ def through_codec(codec, kvs: list[torch.Tensor], prompts, chunk: int):
         for s in range(0, kv.shape[3], chunk):
             c = KVChunk(kv[:, :, :, s : s + chunk].contiguous(), tuple(ids[s : s + chunk]))
             t0 = time.perf_counter()
-            frame = codecs.encode(c, codec)
+            frame = codecs.encode(c, codec, start=s)
             t1 = time.perf_counter()
             back = codecs.decode(frame).kv.contiguous()
             t2 = time.perf_counter()
             enc_t.append((c.nbytes, t1 - t0))
             dec_t.append((c.nbytes, t2 - t1))
-            sizes.append((len(frame), c.num_tokens))
+            sizes.append((len(frame), c.num_tokens, s))
             parts.append(back)
         decoded.append(torch.cat(parts, dim=3))
     return sizes, enc_t, dec_t, decoded
@@ -213,7 +237,7 @@ def ttft_disk(
     """
     llms, files = {}, {}
     for spec in specs:
-        base, _, group = spec.partition("@")
+        base, options = parse_spec(spec)
         llm = LLM(
             runner=runner,
             memory_bytes=0,
@@ -221,7 +245,7 @@ def ttft_disk(
             disk_path=root / spec,
             disk_codec=base,
             chunk_size=chunk,
-            **({"kivi_group_size": int(group)} if group else {}),
+            **options,
         )
         llm.generate(prompt, max_tokens=1)  # stores the prompt's chunks
         files[spec] = sorted((root / spec).rglob("*.kvc"))
@@ -274,8 +298,7 @@ def run(args: argparse.Namespace) -> dict:
     ref = None
     rows = []
     for name in args.codecs:
-        base, _, group = name.partition("@")
-        options = {"kivi_group_size": int(group)} if group else {}
+        base, options = parse_spec(name)
         codec = codecs.make_codec(base, **options)
         t0 = time.perf_counter()
         sizes, enc_t, dec_t, decoded = through_codec(codec, ref_kv, prompts, args.chunk_size)
@@ -287,15 +310,20 @@ def run(args: argparse.Namespace) -> dict:
             ref = {"arg": arg, "nll": nll, "gen": gen}
         same = gen == ref["gen"]
         diverge = (~same).int().argmax(1).where(~same.all(1), torch.tensor(C))
-        bytes_tok = sum(s for s, _ in sizes) / sum(t for _, t in sizes)
+        # steady state: chunks after a sequence's first (no sink tokens); and whole prompts
+        mid = [(b, t) for b, t, start in sizes if start > 0] or [(b, t) for b, t, _ in sizes]
+        bytes_tok = sum(b for b, _ in mid) / sum(t for _, t in mid)
+        bytes_tok_prompt = sum(b for b, _, _ in sizes) / sum(t for _, t, _ in sizes)
         row = {
             "codec": name,
             "lossless": codec.lossless,
             "bytes_per_token": bytes_tok,
+            "bytes_per_token_prompt": bytes_tok_prompt,
             "ratio_vs_fp16": None,
+            "ratio_vs_fp16_prompt": None,
             "encode_MBps": mbps(enc_t),
             "decode_MBps": mbps(dec_t),
-            "decode_s_per_token": sum(t for _, t in dec_t) / sum(t for _, t in sizes),
+            "decode_s_per_token": sum(t for _, t in dec_t) / sum(t for _, t, _ in sizes),
             "rel_mse_keys": rel_mse(decoded, ref_kv)[0],
             "rel_mse_values": rel_mse(decoded, ref_kv)[1],
             "tf_argmax_agreement": float((arg == ref["arg"]).float().mean()),
@@ -314,11 +342,13 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     ttft = ttft_disk(runner, args.codecs, ttft_prompt, args.ttft_reps, args.chunk_size, tmp)
     console.print(f"TTFT of disk hits, {args.ttft_reps} rounds: {time.perf_counter() - t0:.0f} s")
-    fp16 = next((r["bytes_per_token"] for r in rows if r["codec"] == "fp16"), None)
+    fp16 = next((r for r in rows if r["codec"] == "fp16"), None)
     raw = rows[0]
     for r in rows:
         r["ttft"] = ttft[r["codec"]]
-        r["ratio_vs_fp16"] = fp16 / r["bytes_per_token"] if fp16 else None
+        if fp16:
+            r["ratio_vs_fp16"] = fp16["bytes_per_token"] / r["bytes_per_token"]
+            r["ratio_vs_fp16_prompt"] = fp16["bytes_per_token_prompt"] / r["bytes_per_token_prompt"]
         # Loading h tokens costs bytes / bandwidth + decode time; the codec beats raw frames on
         # tiers slower than this (e.g. a network link to Redis; None: never loses).
         extra_decode = r["decode_s_per_token"] - raw["decode_s_per_token"]
@@ -354,7 +384,7 @@ def plot(res: dict, path: Path) -> None:
     a.bar(x, ratio, color="tab:blue")
     for i, v in enumerate(ratio):
         a.annotate(f"{v:.2f}x", (i, v), ha="center", va="bottom", fontsize=8)
-    a.set_ylabel("x smaller than fp16 (frame bytes)")
+    a.set_ylabel("x smaller than fp16 (frame bytes, chunks after the first)")
     a.set_title("size")
     agree = [100 * r["tf_argmax_agreement"] for r in rows]
     b.bar(x, agree, color="tab:green")
@@ -398,7 +428,8 @@ def main() -> None:
         "--codecs",
         nargs="+",
         default=CODECS,
-        help="codec names, NAME@G for a KIVI group size G (default 64); raw must come first",
+        help="codecs as NAME[@G][+sN]: KIVI group size G (default 64), N sink tokens kept in "
+        "fp16 (default 4); raw must come first",
     )
     p.add_argument("--prompts", type=int, default=50)
     p.add_argument("--prompt-tokens", type=int, default=384, help="cached prefix length")
@@ -428,6 +459,7 @@ def main() -> None:
         "codec",
         "B/token",
         "x vs fp16",
+        "x, whole prompt",
         "enc MB/s",
         "dec MB/s",
         "next-tok agree",
@@ -445,6 +477,7 @@ def main() -> None:
             r["codec"],
             f"{r['bytes_per_token']:.0f}",
             f"{r['ratio_vs_fp16']:.2f}x" if r["ratio_vs_fp16"] else "-",
+            f"{r['ratio_vs_fp16_prompt']:.2f}x" if r["ratio_vs_fp16_prompt"] else "-",
             f"{r['encode_MBps']:.0f}",
             f"{r['decode_MBps']:.0f}",
             f"{100 * r['tf_argmax_agreement']:.1f}%",

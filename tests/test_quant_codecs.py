@@ -35,6 +35,7 @@ from kvcellar.storage.disk import DiskBackend
 from kvcellar.storage.memory import MemoryBackend
 from kvcellar.storage.tiered import TieredStore
 
+DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
 LOSSY = ["fp16", "int8", "kivi2", "kivi4", "int4-rotated", "cachegen"]
 ALL = ["raw", *LOSSY]
 
@@ -66,8 +67,13 @@ def realish_kv(runner, tokens=128) -> torch.Tensor:
     return runner.kv_slice(cache, 0, len(ids))
 
 
-def roundtrip(kv: torch.Tensor, codec: codecs.Codec) -> tuple[torch.Tensor, bytes]:
-    frame = codecs.encode(KVChunk(kv, tuple(range(kv.shape[3]))), codec)
+MID = 10_000  # a chunk in the middle of a sequence: no attention-sink tokens in it
+
+
+def roundtrip(
+    kv: torch.Tensor, codec: codecs.Codec, start: int = MID
+) -> tuple[torch.Tensor, bytes]:
+    frame = codecs.encode(KVChunk(kv, tuple(range(kv.shape[3]))), codec, start=start)
     return codecs.decode(frame).kv, frame
 
 
@@ -154,6 +160,89 @@ def test_rotation_helps_int4_on_outliers():
     err_rot = rel_mse(rotated[:, 0], kv[:, 0])
     err_plain = rel_mse(plain[:, 0], kv[:, 0])
     assert err_rot < 0.5 * err_plain, (err_rot, err_plain)
+
+
+# --- attention sinks ---------------------------------------------------------------------------
+QUANT = ["int8", "kivi2", "kivi4", "int4-rotated", "cachegen"]
+
+
+@pytest.mark.parametrize("name", QUANT)
+@pytest.mark.parametrize(("start", "kept"), [(0, 4), (2, 2), (4, 0), (MID, 0)])
+def test_first_tokens_of_a_sequence_are_kept_in_fp16(name, start, kept):
+    kv = outlier_kv(tokens=40)
+    codec = codecs.get_codec(name)
+    back, frame = roundtrip(kv, codec, start=start)
+    _, plain = roundtrip(kv, codec, start=MID)
+    sink, rest = back[:, :, :, :kept], back[:, :, :, kept:]
+    assert torch.equal(sink, kv[:, :, :, :kept].half().float())
+    assert not torch.equal(rest, kv[:, :, :, kept:])  # the rest is quantized
+    # each kept token costs its fp16 bytes and leaves the codec's own payload to the others
+    per_token = kv[:, :, :, :1].numel() * 2
+    assert len(frame) <= len(plain) + kept * per_token
+
+
+def test_sink_count_is_a_setting_and_travels_in_the_frame():
+    kv = outlier_kv(tokens=32)
+    none = codecs.make_codec("kivi4", codec_sink_tokens=0)
+    many = codecs.make_codec("kivi4", codec_sink_tokens=16, kivi_group_size=32)
+    assert none.sink_tokens == 0 and many.sink_tokens == 16 and many.group_size == 32
+    assert codecs.get_codec("kivi4").sink_tokens == 4  # the registry's instance is untouched
+    b0, _ = roundtrip(kv, none, start=0)
+    b16, _ = roundtrip(kv, many, start=0)  # decoded by the registry's default instance
+    assert not torch.equal(b0[:, :, :, :1], kv[:, :, :, :1].half().float())
+    assert torch.equal(b16[:, :, :, :16], kv[:, :, :, :16].half().float())
+    s = Settings.load(codec_sink_tokens=16, disk_codec="kivi4")
+    assert tier_codecs_from_settings(s)["disk"].sink_tokens == 16
+    with pytest.raises(ConfigError, match="codec_sink_tokens"):
+        Settings.load(codec_sink_tokens=-1)
+
+
+def test_sink_count_larger_than_the_chunk_is_a_corrupt_frame():
+    kv = rand_kv(tokens=8)
+    frame = codecs.encode(KVChunk(kv, tuple(range(8))), codecs.get_codec("kivi4"), start=0)
+    body = bytearray(frame)
+    pos = len(frame) - len(codecs.get_codec("kivi4").encode_payload(kv, start=0))
+    struct.pack_into("<H", body, pos + 2, 9)  # claims 9 sink tokens in an 8-token chunk
+    with pytest.raises(CorruptFrameError):
+        codecs.decode(_reframe(bytes(body)))
+
+
+@torch.inference_mode()
+def test_sinks_bring_the_next_token_distribution_closer_on_the_real_model(runner):
+    """What the sinks are for: every later token attends to them, so their error reaches every
+    prediction. KL of the next-token distribution vs the lossless cache, 6 windows of real text."""
+    from transformers import DynamicCache
+
+    text = " ".join(p.read_text() for p in sorted(DATA.glob("*.txt")))
+    ids = runner.encode_text(text)
+    kl = {"kivi4": [], "kivi4+s0": []}
+    for w in range(6):
+        window = ids[w * 1000 : w * 1000 + 129]
+        cache = runner.new_cache()
+        runner.forward(window[:128], cache)
+        kv = runner.kv_slice(cache, 0, 128)
+        ref = None
+        for label, codec in (
+            ("raw", codecs.get_codec("raw")),
+            ("kivi4", codecs.get_codec("kivi4")),
+            ("kivi4+s0", codecs.make_codec("kivi4", codec_sink_tokens=0)),
+        ):
+            back, _ = roundtrip(kv, codec, start=0)
+            c = DynamicCache(
+                ddp_cache_data=[(back[i, 0][None], back[i, 1][None]) for i in range(back.shape[0])],
+                config=runner.config,
+            )
+            logp = torch.log_softmax(
+                runner.model(input_ids=torch.tensor([window[128:]]), past_key_values=c).logits[
+                    0, -1
+                ],
+                -1,
+            )
+            if ref is None:
+                ref = logp
+            else:
+                kl[label].append(float((ref.exp() * (ref - logp)).sum()))
+    assert sum(kl["kivi4"]) < 0.8 * sum(kl["kivi4+s0"]), kl  # measured: 0.68
 
 
 @pytest.mark.parametrize("make", [rand_kv, outlier_kv])
@@ -294,7 +383,9 @@ def test_engine_writes_each_tier_its_own_codec(tmp_path, monkeypatch):
     kv = kv_for(tokens)
     calls: list[str] = []
     real_encode = codecs.encode
-    monkeypatch.setattr(codecs, "encode", lambda c, k: calls.append(k.name) or real_encode(c, k))
+    monkeypatch.setattr(
+        codecs, "encode", lambda c, k, **kw: calls.append(k.name) or real_encode(c, k, **kw)
+    )
     assert eng.store(tokens, kv) == 3
     assert sorted(calls) == ["kivi4"] * 3 + ["raw"] * 3  # once per chunk and distinct codec
     keys = eng._keys(tokens)[0]
@@ -333,7 +424,9 @@ def test_same_codec_in_two_tiers_is_encoded_once(tmp_path, monkeypatch):
     )
     calls = []
     real_encode = codecs.encode
-    monkeypatch.setattr(codecs, "encode", lambda c, k: calls.append(k.name) or real_encode(c, k))
+    monkeypatch.setattr(
+        codecs, "encode", lambda c, k, **kw: calls.append(k.name) or real_encode(c, k, **kw)
+    )
     eng.store(list(range(16)), kv_for(list(range(16))))
     assert calls == ["kivi4", "kivi4"]  # two chunks, one encode each
 
@@ -448,6 +541,7 @@ def test_codecs_benchmark_quick(tmp_path):
             "raw",
             "fp16",
             "kivi4",
+            "kivi4+s0",
             "cachegen",
             "--out",
             str(out),
@@ -462,6 +556,9 @@ def test_codecs_benchmark_quick(tmp_path):
     assert rows["raw"]["tf_argmax_agreement"] == 1.0 and rows["raw"]["greedy_match"] == 1.0
     assert rows["raw"]["delta_nll"] == 0.0
     assert rows["kivi4"]["ratio_vs_fp16"] > 3.5
+    # the sinks cost bytes only in a sequence's first chunk
+    assert rows["kivi4"]["bytes_per_token"] == rows["kivi4+s0"]["bytes_per_token"]
+    assert rows["kivi4"]["bytes_per_token_prompt"] > rows["kivi4+s0"]["bytes_per_token_prompt"]
     assert rows["cachegen"]["bytes_per_token"] < rows["kivi4"]["bytes_per_token"]
     assert all(r["ttft"]["ttft_cold_s"] > 0 and r["decode_MBps"] > 0 for r in data["rows"])
     assert out.with_suffix(".png").stat().st_size > 1000

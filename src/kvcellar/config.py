@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     kivi_group_size: int = Field(
         64, ge=1, le=4096, description="KIVI group: tokens per key group, channels per value group"
     )
+    codec_sink_tokens: int = Field(
+        4,
+        ge=0,
+        le=65535,
+        description="first tokens of a sequence that quantizing codecs keep in fp16 (attention sinks)",
+    )
     dtype: str = Field("float32", description="compute dtype of the model")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
     # --- server ---

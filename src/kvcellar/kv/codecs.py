@@ -72,8 +72,10 @@ class Codec(ABC):
         return self
 
     @abstractmethod
-    def encode_payload(self, kv: torch.Tensor) -> bytes:
-        """Bytes of ``kv`` (any float dtype); ``decode_payload`` inverts it."""
+    def encode_payload(self, kv: torch.Tensor, start: int = 0) -> bytes:
+        """Bytes of ``kv`` (any float dtype); ``decode_payload`` inverts it. ``start`` is the
+        position of ``kv``'s first token in its sequence: quantizing codecs keep the first
+        tokens of a sequence (attention sinks) more precisely."""
 
     @abstractmethod
     def decode_payload(
@@ -89,7 +91,7 @@ class RawCodec(Codec):
     name = "raw"
     lossless = True
 
-    def encode_payload(self, kv: torch.Tensor) -> bytes:
+    def encode_payload(self, kv: torch.Tensor, start: int = 0) -> bytes:
         return (
             kv.contiguous().numpy().tobytes()
             if kv.dtype != torch.bfloat16
@@ -109,7 +111,7 @@ class Fp16Codec(Codec):
     name = "fp16"
     lossless = False
 
-    def encode_payload(self, kv: torch.Tensor) -> bytes:
+    def encode_payload(self, kv: torch.Tensor, start: int = 0) -> bytes:
         return kv.to(torch.float16).contiguous().numpy().tobytes()
 
     def decode_payload(
@@ -153,12 +155,12 @@ def make_codec(name: str, **options: Any) -> Codec:
     return get_codec(name).configured(**options)
 
 
-def encode(chunk: KVChunk, codec: Codec) -> bytes:
-    """Frame ``chunk`` with ``codec``."""
+def encode(chunk: KVChunk, codec: Codec, start: int = 0) -> bytes:
+    """Frame ``chunk`` with ``codec``; ``start`` = position of its first token in the sequence."""
     kv = chunk.kv
     if kv.dtype not in _DTYPE_IDS:
         raise TypeError(f"cannot encode KV of dtype {kv.dtype}")
-    payload = codec.encode_payload(kv.detach().cpu())
+    payload = codec.encode_payload(kv.detach().cpu(), start=start)
     shape = tuple(kv.shape)
     body = struct.pack(f"<{len(shape)}I", *shape) + np.asarray(chunk.tokens, dtype="<i4").tobytes()
     head = _HEAD.pack(

@@ -218,7 +218,7 @@ class CacheEngine:
             for i, codec in enumerate(self._tier_plan):
                 ident = _codec_identity(codec)
                 if ident not in frames:
-                    frames[ident] = codecs.encode(chunk, codec)
+                    frames[ident] = codecs.encode(chunk, codec, start=start)
                 per_tier[i] = frames[ident]
             accepted = self.storage.put_tiers(key, per_tier)
             if accepted:
@@ -314,6 +314,10 @@ def tier_codecs_from_settings(settings: Settings) -> dict[str, codecs.Codec]:
         ("remote", settings.remote_codec),
     ):
         if name not in made:
-            made[name] = codecs.make_codec(name, kivi_group_size=settings.kivi_group_size)
+            made[name] = codecs.make_codec(
+                name,
+                kivi_group_size=settings.kivi_group_size,
+                codec_sink_tokens=settings.codec_sink_tokens,
+            )
         out[tier] = made[name]
     return out
