@@ -19,7 +19,10 @@ kept in fp16, to show what they buy):
     (nats/token);
   - *free-running greedy*: C greedy tokens from the same start; we report the position-wise match
     rate with the raw cache's greedy continuation, the mean length of the identical prefix, and
-    the fraction of prompts whose continuation is identical.
+    the fraction of prompts whose continuation is identical;
+  - *greedy after a new turn*: the same, but F exact tokens (the window's next F, standing for a
+    new user turn that is never cached) are prefilled after the loaded KV first: how a cached
+    history is used in a chat, and KIVI's own setting (recent tokens in full precision).
   All N prompts run as one batch per pass (same length, no padding), which keeps 7 codecs x 50
   prompts x 64 tokens within minutes on 2 CPU cores;
 - **TTFT of a disk-tier hit** through ``LLM(memory_bytes=0, disk_codec=...)``: a ~1k-token prompt
@@ -149,12 +152,13 @@ def teacher_forced(runner, kvs, feed: list[list[int]], batch: int):
 
 
 @torch.inference_mode()
-def greedy(runner, kvs, last: list[int], steps: int, batch: int) -> torch.Tensor:
-    """[N, steps] greedy tokens after loading ``kvs`` and feeding each prompt's last token."""
+def greedy(runner, kvs, start: list[list[int]], steps: int, batch: int) -> torch.Tensor:
+    """[N, steps] greedy tokens after loading ``kvs`` and feeding ``start[i]`` (same lengths):
+    the prompt's last token, or an exact (uncached) new turn ending with it."""
     outs = []
     for i in range(0, len(kvs), batch):
         cache = batch_cache(runner, kvs[i : i + batch])
-        tok = torch.tensor(last[i : i + batch]).unsqueeze(1)
+        tok = torch.tensor(start[i : i + batch])
         got = []
         for _ in range(steps):
             logits = runner.model(
@@ -284,10 +288,12 @@ def run(args: argparse.Namespace) -> dict:
     llm0 = LLM(memory_bytes=0, disk_bytes=0, threads=args.threads)
     runner = llm0.runner
     P, C = args.prompt_tokens, args.continuation
-    wins = windows(runner, args.prompts, P + 1 + C)
+    F = args.fresh_tokens
+    wins = windows(runner, args.prompts, P + max(1 + C, F + 1))
     prompts = [w[:P] for w in wins]  # the cached part of each prompt
-    feed = [w[P:] for w in wins]  # the last prompt token, then the C continuation tokens
-    last = [w[P] for w in wins]
+    feed = [w[P : P + 1 + C] for w in wins]  # the last prompt token, then C continuation tokens
+    last = [[w[P]] for w in wins]
+    fresh = [w[P : P + F + 1] for w in wins]  # an exact new turn after the cached part
     t0 = time.perf_counter()
     ref_kv = prefill_kv(runner, prompts, args.batch)
     prefill_s = time.perf_counter() - t0
@@ -304,11 +310,13 @@ def run(args: argparse.Namespace) -> dict:
         sizes, enc_t, dec_t, decoded = through_codec(codec, ref_kv, prompts, args.chunk_size)
         arg, nll = teacher_forced(runner, decoded, feed, args.batch)
         gen = greedy(runner, decoded, last, C, args.batch)
+        gen_fresh = greedy(runner, decoded, fresh, C, args.batch)
         if ref is None:
             if name != "raw":
                 raise SystemExit("the first codec must be raw (the lossless reference)")
-            ref = {"arg": arg, "nll": nll, "gen": gen}
+            ref = {"arg": arg, "nll": nll, "gen": gen, "gen_fresh": gen_fresh}
         same = gen == ref["gen"]
+        same_fresh = gen_fresh == ref["gen_fresh"]
         diverge = (~same).int().argmax(1).where(~same.all(1), torch.tensor(C))
         # steady state: chunks after a sequence's first (no sink tokens); and whole prompts
         mid = [(b, t) for b, t, start in sizes if start > 0] or [(b, t) for b, t, _ in sizes]
@@ -332,12 +340,15 @@ def run(args: argparse.Namespace) -> dict:
             "greedy_match": float(same.float().mean()),
             "greedy_prefix_frac": float(diverge.float().mean() / C),
             "greedy_identical_frac": float(same.all(1).float().mean()),
+            "greedy_match_after_fresh": float(same_fresh.float().mean()),
+            "greedy_identical_frac_after_fresh": float(same_fresh.all(1).float().mean()),
         }
         rows.append(row)
         console.print(
             f"{name}: {row['bytes_per_token']:.0f} B/token, tf agree "
             f"{row['tf_argmax_agreement']:.3f}, dNLL {row['delta_nll']:+.4f}, greedy "
-            f"{row['greedy_match']:.3f} ({time.perf_counter() - t0:.0f} s)"
+            f"{row['greedy_match']:.3f}, after {F} exact tokens "
+            f"{row['greedy_match_after_fresh']:.3f} ({time.perf_counter() - t0:.0f} s)"
         )
     t0 = time.perf_counter()
     ttft = ttft_disk(runner, args.codecs, ttft_prompt, args.ttft_reps, args.chunk_size, tmp)
@@ -363,6 +374,7 @@ def run(args: argparse.Namespace) -> dict:
         "prompts": len(prompts),
         "prompt_tokens": P,
         "continuation_tokens": C,
+        "fresh_tokens": F,
         "ttft_prompt_tokens": len(ttft_prompt),
         "reference_prefill_s": prefill_s,
         "bytes_per_token_fp32": runner.bytes_per_token,
@@ -434,6 +446,12 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=50)
     p.add_argument("--prompt-tokens", type=int, default=384, help="cached prefix length")
     p.add_argument("--continuation", type=int, default=64, help="scored / generated tokens")
+    p.add_argument(
+        "--fresh-tokens",
+        type=int,
+        default=64,
+        help="exact (uncached) tokens fed after the cached part before the second greedy run",
+    )
     p.add_argument("--chunk-size", type=int, default=128)
     p.add_argument("--batch", type=int, default=25, help="prompts per forward pass")
     p.add_argument("--ttft-tokens", type=int, default=1025, help="prompt of the TTFT runs")
@@ -443,6 +461,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.prompts, args.prompt_tokens, args.continuation = 4, 256, 16
+        args.fresh_tokens = 16
         args.ttft_tokens, args.ttft_reps = 257, 1
     from transformers.utils import logging as hf_logging
 
@@ -466,6 +485,7 @@ def main() -> None:
         "dNLL",
         "greedy match",
         "identical prefix",
+        "greedy after new turn",
         "TTFT warm",
         "TTFT cold",
         "load cold",
@@ -484,6 +504,7 @@ def main() -> None:
             f"{r['delta_nll']:+.4f}",
             f"{100 * r['greedy_match']:.1f}%",
             f"{100 * r['greedy_prefix_frac']:.1f}%",
+            f"{100 * r['greedy_match_after_fresh']:.1f}%",
             f"{1000 * r['ttft']['ttft_warm_s']:.0f} ms",
             f"{1000 * r['ttft']['ttft_cold_s']:.0f} ms",
             f"{1000 * r['ttft']['load_cold_s']:.0f} ms",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -54,3 +55,31 @@ def test_bad_setting_is_one_clear_error(tmp_path, monkeypatch):
 def test_chat_with_unknown_model_fails_cleanly():
     res = cli.invoke(app, ["chat", "--model", "/no/such/model", "--disk-bytes", "0"])
     assert res.exit_code == 2 and "unknown model" in res.output
+
+
+def test_unknown_codec_flag_is_one_clear_error():
+    res = cli.invoke(app, ["chat", "--disk-codec", "zip", "--disk-bytes", "0"])
+    assert res.exit_code == 2 and "disk_codec" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_chat_with_a_lossy_disk_codec_says_which_codec_served(tmp_path):
+    res = cli.invoke(
+        app,
+        [
+            "chat",
+            "--memory-bytes",
+            "0",
+            "--disk-path",
+            str(tmp_path / "kv"),
+            "--disk-codec",
+            "kivi4",
+            "--max-tokens",
+            "2",
+            "--no-compare",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "disk kivi4" in res.output and "codecs: memory raw, disk kivi4" in res.output
+    frames = list((tmp_path / "kv").rglob("*.kvc"))
+    assert frames and all(codecs.frame_codec_name(f.read_bytes()) == "kivi4" for f in frames)

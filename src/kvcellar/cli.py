@@ -30,6 +30,12 @@ MemOpt = Annotated[str | None, typer.Option(help="memory tier budget, e.g. 2GB")
 DiskPathOpt = Annotated[Path | None, typer.Option(help="disk tier directory")]
 DiskBytesOpt = Annotated[str | None, typer.Option(help="disk tier budget, e.g. 10GB (0 = none)")]
 TenantOpt = Annotated[str | None, typer.Option(help="tenant whose keys to use")]
+MemCodecOpt = Annotated[
+    str | None, typer.Option(help="KV codec of the memory tier (default raw = exact)")
+]
+DiskCodecOpt = Annotated[
+    str | None, typer.Option(help="KV codec of the disk tier, e.g. kivi4, cachegen (lossy)")
+]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -61,6 +67,8 @@ def chat(
     memory_bytes: MemOpt = None,
     disk_path: DiskPathOpt = None,
     disk_bytes: DiskBytesOpt = None,
+    memory_codec: MemCodecOpt = None,
+    disk_codec: DiskCodecOpt = None,
     tenant: TenantOpt = None,
     interactive: Annotated[
         bool, typer.Option("--interactive", "-i", help="type your own turns")
@@ -82,6 +90,8 @@ def chat(
         memory_bytes=memory_bytes,
         disk_path=disk_path,
         disk_bytes=disk_bytes,
+        memory_codec=memory_codec,
+        disk_codec=disk_codec,
         tenant=tenant,
         enabled=False if no_cache else None,
     )
@@ -98,8 +108,10 @@ def chat(
             f"{t.name} {t.budget_bytes / 1e9:.1f} GB" for t in llm.engine.storage.stats()
         )
     )
+    codecs_used = f"  codecs: memory {settings.memory_codec}, disk {settings.disk_codec}"
     console.print(
-        f"[bold]kvcellar chat[/bold]  model={settings.model}  chunk={settings.chunk_size}  tiers: {tiers}"
+        f"[bold]kvcellar chat[/bold]  model={settings.model}  chunk={settings.chunk_size}  "
+        f"tiers: {tiers}{codecs_used}"
     )
     llm.generate("Warm-up.", max_tokens=1, use_cache=False)  # keep first-call costs out of turn 1
     messages: list[dict[str, str]] = [{"role": "system", "content": SYSTEM_PROMPT}]
@@ -139,7 +151,14 @@ def chat(
         out = llm.generate(messages, max_tokens=max_tokens)
         console.print(f"[bold green]assistant>[/bold green] {out.text.strip()}")
         speed = f"{base.ttft_s / out.ttft_s:.1f}x" if base else "-"
-        where = "/".join(sorted(set(out.chunk_tiers)))
+        where = "/".join(
+            sorted(
+                {
+                    t if c == "raw" else f"{t} {c}"
+                    for t, c in zip(out.chunk_tiers, out.chunk_codecs, strict=True)
+                }
+            )
+        )
         console.print(
             f"[dim]  prompt {out.prompt_tokens} tok | from cache {out.cached_tokens}"
             + (f" ({where})" if where else "")
@@ -172,6 +191,8 @@ def serve(
     memory_bytes: MemOpt = None,
     disk_path: DiskPathOpt = None,
     disk_bytes: DiskBytesOpt = None,
+    memory_codec: MemCodecOpt = None,
+    disk_codec: DiskCodecOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="serve the plain model")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -187,6 +208,8 @@ def serve(
         memory_bytes=memory_bytes,
         disk_path=disk_path,
         disk_bytes=disk_bytes,
+        memory_codec=memory_codec,
+        disk_codec=disk_codec,
         enabled=False if no_cache else None,
     )
     from kvcellar.server.app import run
