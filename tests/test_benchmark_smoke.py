@@ -1,4 +1,4 @@
-"""The multi-round QA benchmark runs end to end (``--quick``) and reports honest numbers."""
+"""The benchmarks run end to end (``--quick``) and report honest numbers."""
 
 from __future__ import annotations
 
@@ -12,40 +12,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_multi_round_qa_quick(tmp_path):
-    out = tmp_path / "mrqa.json"
+def _run_quick(script: str, out: Path, *args: str) -> dict:
     res = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "multi_round_qa.py"),
-            "--quick",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    data = json.loads(out.read_text())
-    rows = data["rows"]
-    assert data["summary"]["all_same_tokens"] is True
-    assert rows[0]["cached_tokens"] == 0
-    assert all(r["cached_tokens"] > 0 for r in rows[1:])
-    assert all(r["bound_s"] > 0 and r["ttft_cache_s"] > 0 and r["ttft_nocache_s"] > 0 for r in rows)
-    assert len(data["miss"]) == 4 and out.with_suffix(".png").stat().st_size > 1000
-
-
-def _run_quick(script: str, out: Path) -> dict:
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *args],
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_multi_round_qa_quick(tmp_path):
+    out = tmp_path / "mrqa.json"
+    data = _run_quick("multi_round_qa.py", out)
+    rows = data["rows"]
+    assert data["summary"]["all_same_tokens"] is True
+    assert rows[0]["cached_tokens"] == 0
+    assert all(r["cached_tokens"] > 0 for r in rows[1:])
+    assert all(r["bound_s"] > 0 and r["ttft_cache_s"] > 0 and r["ttft_nocache_s"] > 0 for r in rows)
+    assert len(data["miss"]) == 4 and out.with_suffix(".png").stat().st_size > 1000
 
 
 @pytest.mark.slow
@@ -64,3 +51,19 @@ def test_multi_round_qa_quick_through_http(tmp_path):
     assert cache["requests"] == base["requests"] == 4
     assert cache["cached_tokens"] > 0 and base["cached_tokens"] == 0
     assert cache["prompt_tokens"] == base["prompt_tokens"]
+
+
+@pytest.mark.slow
+def test_codecs_benchmark_quick(tmp_path):
+    out = tmp_path / "codecs.json"
+    data = _run_quick("codecs.py", out, "--codecs", "raw", "fp16", "kivi4", "kivi4+s0", "cachegen")
+    rows = {r["codec"]: r for r in data["rows"]}
+    assert rows["raw"]["tf_argmax_agreement"] == 1.0 and rows["raw"]["greedy_match"] == 1.0
+    assert rows["raw"]["delta_nll"] == 0.0
+    assert rows["kivi4"]["ratio_vs_fp16"] > 3.5
+    # the sinks cost bytes only in a sequence's first chunk
+    assert rows["kivi4"]["bytes_per_token"] == rows["kivi4+s0"]["bytes_per_token"]
+    assert rows["kivi4"]["bytes_per_token_prompt"] > rows["kivi4+s0"]["bytes_per_token_prompt"]
+    assert rows["cachegen"]["bytes_per_token"] < rows["kivi4"]["bytes_per_token"]
+    assert all(r["ttft"]["ttft_cold_s"] > 0 and r["decode_MBps"] > 0 for r in data["rows"])
+    assert out.with_suffix(".png").stat().st_size > 1000
