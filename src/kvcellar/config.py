@@ -91,6 +91,24 @@ class Settings(BaseSettings):
     disk_bytes: int = Field(
         8 * 10**9, description="byte budget of the disk tier (0 = no disk tier)"
     )
+    remote_url: str | None = Field(
+        None,
+        description="shared remote tier: redis://host:port/db, rediss://..., or "
+        "redis+cluster://host:port for a Redis Cluster (any node as seed); unset = none",
+    )
+    remote_timeout_s: float = Field(
+        1.0, gt=0, le=60, description="socket timeout of remote calls; past it the tier is down"
+    )
+    remote_ttl_s: float | None = Field(
+        None, gt=0, description="expire remote entries after this many seconds (unset = never)"
+    )
+    write_back_queue: int = Field(
+        256,
+        ge=0,
+        le=1_000_000,
+        description="chunks waiting to be written to the slower tiers (disk, remote) in the "
+        "background; when full, writes are dropped and counted (0 = write synchronously)",
+    )
     save_partial_chunks: bool = Field(
         False, description="also store a final chunk shorter than chunk_size"
     )
@@ -153,6 +171,20 @@ class Settings(BaseSettings):
 
         if v not in codec_names():
             raise ValueError(f"unknown codec {v!r}; choose one of {', '.join(codec_names())}")
+        return v
+
+    @field_validator("remote_url")
+    @classmethod
+    def _remote_url(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        scheme = v.split("://", 1)[0] if "://" in v else ""
+        allowed = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+        if scheme not in allowed:
+            raise ValueError(
+                f"{v!r} is not a Redis URL; use redis://host:port/db, rediss://host:port or "
+                "redis+cluster://host:port"
+            )
         return v
 
     @field_validator("dtype")

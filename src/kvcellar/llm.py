@@ -261,6 +261,11 @@ class LLM:
         )
         yield StreamEvent(delta="", token_id=None, output=output)
 
+    def flush(self) -> None:
+        """Wait until the KV stored so far has been written to every tier (disk, remote)."""
+        if self.engine is not None:
+            self.engine.flush()
+
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()

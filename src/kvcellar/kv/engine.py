@@ -157,11 +157,9 @@ class CacheEngine:
         tokens = list(tokens)
         found: list[KVChunk] = []
         res = RetrieveResult(kv=None, n_tokens=0)
-        for key, (start, end) in zip(keys, spans, strict=True):
-            got = self.storage.get(key)
-            if got is None:
-                break
-            frame, tier = got
+        for key, (start, end), (frame, tier) in zip(
+            keys, spans, self.storage.get_prefix(keys), strict=False
+        ):
             try:
                 chunk = codecs.decode(frame)
             except CodecError as exc:
@@ -208,8 +206,9 @@ class CacheEngine:
         tokens = list(tokens)
         keys, spans = self._keys(tokens)
         stored = skipped = nbytes = 0
-        for key, (start, end) in zip(keys, spans, strict=True):
-            if self.storage.contains(key):
+        present = self.storage.contains_many(keys)
+        for key, (start, end), cached in zip(keys, spans, present, strict=True):
+            if cached:
                 skipped += 1
                 continue
             chunk = KVChunk(source(start, end), tuple(tokens[start:end]))
@@ -232,9 +231,10 @@ class CacheEngine:
 
     @classmethod
     def from_settings(cls, settings: Settings, model_fingerprint: str) -> CacheEngine:
-        """Engine with the tiers the settings ask for (memory, then disk) and their codecs."""
+        """Engine with the tiers the settings ask for (memory, disk, remote) and their codecs."""
         from kvcellar.storage.disk import DiskBackend
         from kvcellar.storage.memory import MemoryBackend
+        from kvcellar.storage.redis import RedisBackend
 
         pins = PinTable()
         tiers: list[Backend] = []
@@ -242,8 +242,16 @@ class CacheEngine:
             tiers.append(MemoryBackend(settings.memory_bytes, pins=pins))
         if settings.disk_bytes > 0:
             tiers.append(DiskBackend(settings.resolved_disk_path(), settings.disk_bytes, pins=pins))
+        if settings.remote_url:
+            tiers.append(
+                RedisBackend(
+                    settings.remote_url,
+                    timeout_s=settings.remote_timeout_s,
+                    ttl_s=settings.remote_ttl_s,
+                )
+            )
         return cls(
-            TieredStore(tiers),
+            TieredStore(tiers, write_back=settings.write_back_queue),
             model_fingerprint,
             settings.tenant,
             chunk_size=settings.chunk_size,
@@ -296,6 +304,10 @@ class CacheEngine:
             engine = dict(self._stats.__dict__)
         engine["pinned_chunks"] = self.pins.count()
         return {"engine": engine, "tiers": [t.__dict__ for t in self.storage.stats()]}
+
+    def flush(self) -> None:
+        """Wait until every chunk stored so far has reached the slower tiers too."""
+        self.storage.flush()
 
     def clear(self) -> None:
         self.storage.clear()

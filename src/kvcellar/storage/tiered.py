@@ -1,8 +1,17 @@
-"""Several tiers behaving as one store: read-through with promotion, write-through.
+"""Several tiers behaving as one store: read-through with promotion, write-through/write-back.
 
 Tiers are ordered fastest first (memory, disk, Redis). A hit in a slow tier is copied into every
 faster tier, so the next load of the same chunk is paid at memory speed. Writes go to every tier
 so a restart (memory lost) or another instance (sharing disk or Redis) still finds the chunk.
+
+Only the first tier is written on the request's thread. With ``write_back > 0`` the slower tiers
+are written by a background thread from a bounded queue, so a slow disk or a remote Redis never
+adds to a request's latency; when the queue is full the write is dropped and counted (the chunk
+is still in the first tier, and the next request that misses it stores it again). ``flush()``
+waits until everything queued is written (a prefill worker calls it before handing off).
+
+Lookups and loads are batched per tier (``contains_many`` / ``get_many`` when a backend has
+them): one call per tier, which for Redis is one round trip per tier, not one per chunk.
 
 Each tier may hold a different encoding of the same entry (``put_tiers``: e.g. raw frames in
 memory, 4-bit frames on disk). A promoted value is copied *as is*: storage knows bytes, not
@@ -18,7 +27,9 @@ every call (a dead Redis would otherwise flood the log on every chunk lookup).
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
@@ -29,17 +40,51 @@ from kvcellar.storage.base import Backend, BackendStats
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_BATCH = 64  # queued writes handed to one tier in one put_many call
+
+
+def contains_many(tier: Backend, keys: Sequence[str]) -> list[bool]:
+    """``tier.contains_many`` when the backend batches, else one ``contains`` per key."""
+    batched = getattr(tier, "contains_many", None)
+    return list(batched(keys)) if batched else [tier.contains(k) for k in keys]
+
+
+def get_many(tier: Backend, keys: Sequence[str]) -> list[bytes | None]:
+    batched = getattr(tier, "get_many", None)
+    return list(batched(keys)) if batched else [tier.get(k) for k in keys]
+
+
+def put_many(tier: Backend, items: Sequence[tuple[str, bytes]]) -> list[bool]:
+    batched = getattr(tier, "put_many", None)
+    return list(batched(items)) if batched else [tier.put(k, v) for k, v in items]
+
+
+def _stop_worker(q: queue.Queue, worker: threading.Thread) -> None:
+    if worker.is_alive():
+        q.put(None)  # after everything queued: the worker writes it all, then ends
+        worker.join()
 
 
 class TieredStore:
     """A list of :class:`~kvcellar.storage.base.Backend` tiers used as one cache."""
 
-    def __init__(self, tiers: Sequence[Backend]) -> None:
+    def __init__(self, tiers: Sequence[Backend], write_back: int = 0) -> None:
         self._tiers: tuple[Backend, ...] = tuple(tiers)
         self._lock = threading.Lock()
         self._errors = [0] * len(self._tiers)
         self._failing = [False] * len(self._tiers)
         self._promotions = [0] * len(self._tiers)
+        self._dropped = [0] * len(self._tiers)
+        self._queue: queue.Queue[tuple[int, str, bytes] | None] | None = None
+        self._worker: threading.Thread | None = None
+        if write_back > 0 and len(self._tiers) > 1:
+            self._queue = queue.Queue(maxsize=write_back)
+            self._worker = threading.Thread(
+                target=self._write_back_loop, name="kvcellar-write-back", daemon=True
+            )
+            self._worker.start()
+            # Queued writes are not lost when a process ends without close(): drain at exit.
+            self._stop_worker = weakref.finalize(self, _stop_worker, self._queue, self._worker)
 
     @property
     def tiers(self) -> tuple[Backend, ...]:
@@ -75,19 +120,108 @@ class TieredStore:
                 logger.info("storage tier %s works again (%s succeeded)", self._tier_name(i), op)
         return result
 
+    # --- write-back ------------------------------------------------------------------------------
+    def _write(self, i: int, key: str, value: bytes) -> bool:
+        """Write one tier now (tier 0, or no queue) or queue it; False when refused/dropped."""
+        if i == 0 or self._queue is None:
+            return self._call(i, "put", partial(self._tiers[i].put, key, value), False)
+        try:
+            self._queue.put_nowait((i, key, value))
+        except queue.Full:
+            with self._lock:
+                self._dropped[i] += 1
+            return False
+        return True
+
+    def _write_back_loop(self) -> None:
+        assert self._queue is not None
+        while True:
+            item = self._queue.get()
+            batch = [item]
+            while len(batch) < _BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                per_tier: dict[int, list[tuple[str, bytes]]] = {}
+                for entry in batch:
+                    if entry is not None:
+                        per_tier.setdefault(entry[0], []).append((entry[1], entry[2]))
+                for i, items in per_tier.items():
+                    self._call(i, "put", partial(put_many, self._tiers[i], items), [])
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+            if None in batch:
+                return
+
+    def flush(self) -> None:
+        """Wait until every queued write has reached its tier."""
+        if self._queue is not None:
+            self._queue.join()
+
+    def pending_writes(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    # --- reads ------------------------------------------------------------------------------------
+    def _promote(self, key: str, value: bytes, found_in: int) -> None:
+        for j in range(found_in):
+            if self._write(j, key, value):
+                with self._lock:
+                    self._promotions[j] += 1
+
     def get(self, key: str) -> tuple[bytes, int] | None:
         """``(value, index of the tier that had it)``, promoting the value into faster tiers."""
         for i, tier in enumerate(self._tiers):
             value = self._call(i, "get", partial(tier.get, key), None)
             if value is None:
                 continue
-            for j in range(i):
-                faster = self._tiers[j]
-                if self._call(j, "put", partial(faster.put, key, value), False):
-                    with self._lock:
-                        self._promotions[j] += 1
+            self._promote(key, value, i)
             return value, i
         return None
+
+    def where(self, keys: Sequence[str]) -> list[int | None]:
+        """For each key, the fastest tier holding it (None: no tier); one batched call per tier."""
+        found: list[int | None] = [None] * len(keys)
+        for i, tier in enumerate(self._tiers):
+            todo = [j for j, f in enumerate(found) if f is None]
+            if not todo:
+                break
+            asked = [keys[j] for j in todo]
+            res = self._call(
+                i, "contains", partial(contains_many, tier, asked), [False] * len(todo)
+            )
+            for j, present in zip(todo, res, strict=True):
+                if present:
+                    found[j] = i
+        return found
+
+    def get_prefix(self, keys: Sequence[str]) -> list[tuple[bytes, int]]:
+        """``(value, tier index)`` of the longest run of leading ``keys`` present, loaded with one
+        batched call per tier and promoted into faster tiers. Keys form a hash chain, so nothing
+        after the first absent key is loaded."""
+        where = self.where(keys)
+        n = next((j for j, w in enumerate(where) if w is None), len(keys))
+        values: list[bytes | None] = [None] * n
+        for i, tier in enumerate(self._tiers):
+            idx = [j for j in range(n) if where[j] == i]
+            if not idx:
+                continue
+            asked = [keys[j] for j in idx]
+            got = self._call(i, "get", partial(get_many, tier, asked), [None] * len(idx))
+            for j, v in zip(idx, got, strict=True):
+                values[j] = v
+        out: list[tuple[bytes, int]] = []
+        for j in range(n):
+            v = values[j]
+            if v is None:  # evicted between the two calls: the prefix ends here
+                break
+            tier_index = where[j]
+            assert tier_index is not None
+            self._promote(keys[j], v, tier_index)
+            out.append((v, tier_index))
+        return out
 
     def put(self, key: str, value: bytes) -> int:
         """Write through to every tier; returns how many accepted (0: nothing cached)."""
@@ -100,7 +234,7 @@ class TieredStore:
         for i, value in sorted(values.items()):
             if not 0 <= i < len(self._tiers):
                 raise IndexError(f"no tier {i} (this store has {len(self._tiers)})")
-            if self._call(i, "put", partial(self._tiers[i].put, key, value), False):
+            if self._write(i, key, value):
                 accepted.append(i)
         return accepted
 
@@ -111,29 +245,24 @@ class TieredStore:
             for i, tier in enumerate(self._tiers)
         )
 
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        """Whether some tier holds each key (one batched call per tier)."""
+        return [w is not None for w in self.where(keys)]
+
     def contains_prefix(self, keys: Sequence[str]) -> int:
         """Number of leading ``keys`` present in some tier.
 
         Keys form a hash chain, so chunk i is only usable if chunks 0..i-1 are too: the first
-        absent key ends the reusable prefix and later keys are not even asked for.
+        absent key ends the reusable prefix.
         """
-        n = 0
-        for key in keys:
-            if not self.contains(key):
-                break
-            n += 1
-        return n
+        return next((j for j, w in enumerate(self.where(keys)) if w is None), len(keys))
 
     def contains_prefix_per_tier(self, keys: Sequence[str]) -> dict[str, int]:
         """For each tier alone, the number of leading ``keys`` it holds."""
         out: dict[str, int] = {}
         for i, tier in enumerate(self._tiers):
-            n = 0
-            for key in keys:
-                if not self._call(i, "contains", partial(tier.contains, key), False):
-                    break
-                n += 1
-            out[self._tier_name(i)] = n
+            res = self._call(i, "contains", partial(contains_many, tier, keys), [False] * len(keys))
+            out[self._tier_name(i)] = next((j for j, r in enumerate(res) if not r), len(keys))
         return out
 
     def delete_prefix(self, prefix: str, tier: str | None = None) -> int:
@@ -188,15 +317,24 @@ class TieredStore:
                 )
             if s is None:
                 s = BackendStats(name=self._tier_name(i))
+            with self._lock:
+                dropped = self._dropped[i]
             s = replace(
                 s,
                 errors=s.errors + errors,
-                extra={**s.extra, "failing": float(failing), "promotions": float(promotions)},
+                extra={
+                    **s.extra,
+                    "failing": float(failing),
+                    "promotions": float(promotions),
+                    "write_back_dropped": float(dropped),
+                },
             )
             out.append(s)
         return out
 
     def close(self) -> None:
-        """Close every tier; one failing to close does not keep the others open."""
+        """Write what is queued, then close every tier (one failing does not keep others open)."""
+        if self._queue is not None:
+            self._stop_worker()
         for i, tier in enumerate(self._tiers):
             self._call(i, "close", tier.close, None)
