@@ -12,6 +12,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,3 +280,34 @@ def test_second_process_reuses_the_first_process_kv(url, make_llm, tmp_path):
     assert b["cached"] == min(len(prompt) // CHUNK * CHUNK, len(prompt) - 1)
     assert set(b["tiers"]) == {"remote"}
     assert b["ids"] == base.generate(prompt, max_tokens=8).token_ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["single", "cluster"])
+def test_prefill_and_decode_workers_hand_over_through_redis(where, tmp_path):
+    """Two `kvcellar serve` processes (--role prefill / --role decode) and a plain reference."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "dis.json"
+    cmd = [
+        sys.executable,
+        str(root / "benchmarks" / "disaggregated.py"),
+        "--quick",
+        "--out",
+        str(out),
+    ]
+    res = subprocess.run(
+        cmd + (["--cluster"] if where == "cluster" else []),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["prefill_worker_generated"] == ""
+        # the decode worker loads every prompt token's KV but the last, which it runs through
+        # the model once to get the logits of its first output token
+        assert r["decode_cached_tokens"] == r["prompt_tokens"] - 1
+        assert r["decode_prefilled_tokens"] == 1
+        assert r["same_text"], r

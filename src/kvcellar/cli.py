@@ -33,6 +33,10 @@ TenantOpt = Annotated[str | None, typer.Option(help="tenant whose keys to use")]
 MemCodecOpt = Annotated[
     str | None, typer.Option(help="KV codec of the memory tier (default raw = exact)")
 ]
+RemoteOpt = Annotated[
+    str | None,
+    typer.Option(help="shared remote tier: redis://host:port/db or redis+cluster://host:port"),
+]
 DiskCodecOpt = Annotated[
     str | None, typer.Option(help="KV codec of the disk tier, e.g. kivi4, cachegen (lossy)")
 ]
@@ -69,6 +73,7 @@ def chat(
     disk_bytes: DiskBytesOpt = None,
     memory_codec: MemCodecOpt = None,
     disk_codec: DiskCodecOpt = None,
+    remote_url: RemoteOpt = None,
     tenant: TenantOpt = None,
     interactive: Annotated[
         bool, typer.Option("--interactive", "-i", help="type your own turns")
@@ -92,6 +97,7 @@ def chat(
         disk_bytes=disk_bytes,
         memory_codec=memory_codec,
         disk_codec=disk_codec,
+        remote_url=remote_url,
         tenant=tenant,
         enabled=False if no_cache else None,
     )
@@ -193,6 +199,11 @@ def serve(
     disk_bytes: DiskBytesOpt = None,
     memory_codec: MemCodecOpt = None,
     disk_codec: DiskCodecOpt = None,
+    remote_url: RemoteOpt = None,
+    role: Annotated[
+        str | None,
+        typer.Option(help="both (default) | prefill (store prompt KV only) | decode (load it)"),
+    ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="serve the plain model")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -210,6 +221,8 @@ def serve(
         disk_bytes=disk_bytes,
         memory_codec=memory_codec,
         disk_codec=disk_codec,
+        remote_url=remote_url,
+        role=role,
         enabled=False if no_cache else None,
     )
     from kvcellar.server.app import run

@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from kvcellar.errors import ConfigError
@@ -109,6 +109,11 @@ class Settings(BaseSettings):
         description="chunks waiting to be written to the slower tiers (disk, remote) in the "
         "background; when full, writes are dropped and counted (0 = write synchronously)",
     )
+    role: Literal["both", "prefill", "decode"] = Field(
+        "both",
+        description="server role: prefill = compute and store prompt KV, generate nothing; "
+        "decode = load KV from the shared tier and generate; both = a normal server",
+    )
     save_partial_chunks: bool = Field(
         False, description="also store a final chunk shorter than chunk_size"
     )
@@ -172,6 +177,14 @@ class Settings(BaseSettings):
         if v not in codec_names():
             raise ValueError(f"unknown codec {v!r}; choose one of {', '.join(codec_names())}")
         return v
+
+    @model_validator(mode="after")
+    def _disaggregated(self) -> Settings:
+        # A prefill worker must hand over the whole prompt, including its last partial chunk,
+        # and a decode worker must look that chunk up.
+        if self.role != "both":
+            self.save_partial_chunks = True
+        return self
 
     @field_validator("remote_url")
     @classmethod

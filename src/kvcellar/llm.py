@@ -177,11 +177,15 @@ class LLM:
         stop: str | Sequence[str] | None = None,
         use_cache: bool | None = None,
         tenant: str | None = None,
+        prefill_only: bool = False,
     ) -> Iterator[StreamEvent]:
         """Complete ``prompt`` token by token; the last event carries the GenerationOutput.
 
         ``use_cache=False`` bypasses the cache for this call only; ``tenant`` picks whose cache.
         The model lock is taken per forward step (FIFO), so concurrent streams interleave fairly.
+        ``prefill_only=True`` (a prefill worker) computes and stores the prompt's KV, waits until
+        it reached every tier (e.g. the shared Redis a decode worker loads from) and generates
+        nothing.
         """
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
@@ -215,7 +219,7 @@ class LLM:
         tok = next_token(logits, temperature, top_p, generator)
         ttft = time.perf_counter() - t0
         finish = "length"
-        while True:
+        while not prefill_only:
             if tok in self.runner.eos_token_ids:
                 finish = "stop"
                 break
@@ -241,6 +245,8 @@ class LLM:
             n_cached = self.runner.cache_length(cache)
             seq = ids + out_ids
             stored = engine.store(seq[:n_cached], lambda s, e: self.runner.kv_slice(cache, s, e))
+            if prefill_only:
+                engine.flush()
         store_s = time.perf_counter() - t_store
         output = GenerationOutput(
             text=text_out.text,

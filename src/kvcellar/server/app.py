@@ -527,7 +527,10 @@ async def _serve_generation(
         if stream and engine is not None:
             hit = await run_in_threadpool(engine.lookup, ids)
             cached_hint = min(hit, len(ids) - 1)
-        run = _Generation(state, ids, {**sampling, "max_tokens": max_tokens}, caller.tenant, wait_s)
+        params = {**sampling, "max_tokens": max_tokens}
+        if state.settings.role == "prefill":
+            params["prefill_only"] = True
+        run = _Generation(state, ids, params, caller.tenant, wait_s)
         run.start()  # from here the worker thread releases the slot when it ends
         started = True
     finally:
@@ -553,6 +556,7 @@ async def _serve_generation(
             parts.append(item.delta)
         headers = {
             "x-kvcellar-cached-tokens": str(out.cached_tokens),
+            "x-kvcellar-prefilled-tokens": str(out.prefilled_tokens),
             "x-kvcellar-queue-ms": f"{(wait_s + out.queue_s) * 1000:.1f}",
         }
         return JSONResponse(fmt.whole(out), headers=headers)
@@ -898,12 +902,19 @@ def run(settings: Settings) -> None:
         )  # first-call costs, not in a request
         app = create_app(llm, settings)
         log.info(
-            "serving %s on http://%s:%d (%s)",
+            "serving %s on http://%s:%d (%s, role %s)",
             settings.served_model_name or settings.model,
             settings.host,
             settings.port,
             "cache on" if llm.engine is not None else "cache off",
+            settings.role,
         )
+        if settings.role != "both" and not settings.remote_url:
+            log.warning(
+                "role %s without remote_url: the hand-off only works through a disk tier that "
+                "both workers share",
+                settings.role,
+            )
         uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=10)
     finally:
         llm.close()
