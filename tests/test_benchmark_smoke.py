@@ -67,3 +67,20 @@ def test_codecs_benchmark_quick(tmp_path):
     assert rows["cachegen"]["bytes_per_token"] < rows["kivi4"]["bytes_per_token"]
     assert all(r["ttft"]["ttft_cold_s"] > 0 and r["decode_MBps"] > 0 for r in data["rows"])
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_tier_throughput_quick(tmp_path):
+    pytest.importorskip("redis")
+    from kvcellar.storage.redis_local import redis_available
+
+    if not redis_available():
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    data = _run_quick("tier_throughput.py", tmp_path / "tt.json")
+    rows = data["rows"]
+    assert {r["tier"] for r in rows} == {"memory", "disk", "redis"}
+    assert {r["chunk_tokens"] for r in rows} == {64, 256}
+    for r in rows:
+        assert r["store_GBps"] > 0 and r["load_GBps"] > 0
+        assert r["raw_store_GBps"] > 0 and r["raw_load_GBps"] > 0
+        assert r["load_ratio"] == pytest.approx(r["load_GBps"] / r["raw_load_GBps"])

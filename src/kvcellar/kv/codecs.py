@@ -72,7 +72,7 @@ class Codec(ABC):
         return self
 
     @abstractmethod
-    def encode_payload(self, kv: torch.Tensor, start: int = 0) -> bytes:
+    def encode_payload(self, kv: torch.Tensor, start: int = 0) -> bytes | memoryview:
         """Bytes of ``kv`` (any float dtype); ``decode_payload`` inverts it. ``start`` is the
         position of ``kv``'s first token in its sequence: quantizing codecs keep the first
         tokens of a sequence (attention sinks) more precisely."""
@@ -91,12 +91,13 @@ class RawCodec(Codec):
     name = "raw"
     lossless = True
 
-    def encode_payload(self, kv: torch.Tensor, start: int = 0) -> bytes:
-        return (
-            kv.contiguous().numpy().tobytes()
-            if kv.dtype != torch.bfloat16
-            else (kv.contiguous().view(torch.int16).numpy().tobytes())
-        )
+    def encode_payload(self, kv: torch.Tensor, start: int = 0) -> memoryview:
+        # A view of the tensor's memory, not a copy: encode() copies it once, into the frame.
+        if kv.numel() == 0:
+            return b""
+        kv = kv.contiguous()
+        arr = kv.view(torch.int16).numpy() if kv.dtype == torch.bfloat16 else kv.numpy()
+        return memoryview(arr).cast("B")
 
     def decode_payload(
         self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype
