@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +37,7 @@ from workload import paragraph, user_turn
 
 from kvcellar.demo_script import SYSTEM_PROMPT
 from kvcellar.llm import LLM
+from kvcellar.storage.redis_local import start_redis
 
 RESULTS = Path(__file__).resolve().parent / "results"
 console = Console()
@@ -71,16 +73,63 @@ def measure_file_read_s(nbytes: int, directory: Path, reps: int = 3) -> float:
     return statistics.median(times)
 
 
+def measure_redis_get_s(nbytes: int, url: str, reps: int = 3) -> float:
+    """Median time of one raw redis-py GET of ``nbytes``: the remote tier's floor."""
+    import redis
+
+    if nbytes == 0:
+        return 0.0
+    client = redis.Redis.from_url(url)
+    client.set("bound", b"\0" * nbytes)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        client.get("bound")
+        times.append(time.perf_counter() - t)
+    client.delete("bound")
+    client.close()
+    return statistics.median(times)
+
+
+def fill_remote(args: argparse.Namespace, url: str) -> float:
+    """Another process runs the same conversations with the cache, filling Redis."""
+    t0 = time.perf_counter()
+    argv = [a for a in sys.argv[1:] if a != "--quick"] + ["--fill-only", "--remote-url", url]
+    if args.quick:
+        argv.append("--quick")
+    subprocess.run([sys.executable, __file__, *argv], check=True)
+    return time.perf_counter() - t0
+
+
 def run(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="kvcellar-bench-"))
     tier = args.tier
+    server = None
+    fill_s = None
+    url = args.remote_url
+    if tier == "remote" and not args.fill_only:
+        if url is None:
+            server = start_redis(tmp / "redis")
+            url = server.url
+        fill_s = fill_remote(args, url)
     llm = LLM(
         chunk_size=args.chunk_size,
-        memory_bytes="8GB" if tier == "memory" else 0,
+        # remote: a cold process with no local tier, so every hit comes from Redis
+        memory_bytes="8GB" if tier == "memory" or args.fill_only else 0,
         disk_bytes="8GB" if tier == "disk" else 0,
         disk_path=tmp / "kv",
+        remote_url=url if tier == "remote" else None,
         threads=args.threads,
     )
+    if args.fill_only:
+        histories = [[{"role": "system", "content": SYSTEM_PROMPT}] for _ in range(args.users)]
+        for r in range(args.rounds):
+            for u in range(args.users):
+                msgs = [*histories[u], {"role": "user", "content": user_turn(u, r, args.sentences)}]
+                out = llm.generate(msgs, max_tokens=args.answer_tokens)
+                histories[u] = [*msgs, {"role": "assistant", "content": out.text}]
+        llm.close()  # drains the write-back queue into Redis
+        return {}
     bpt = llm.runner.bytes_per_token
     llm.generate("Warm-up: say hello.", max_tokens=2, use_cache=False)  # first-call costs
     histories: list[list[dict]] = [
@@ -94,9 +143,12 @@ def run(args: argparse.Namespace) -> dict:
             base = llm.generate(msgs, max_tokens=args.answer_tokens, use_cache=False)
             out = llm.generate(msgs, max_tokens=args.answer_tokens)
             h = out.cached_tokens
-            load_floor = (
-                measure_memcpy_s(h * bpt) if tier == "memory" else measure_file_read_s(h * bpt, tmp)
-            )
+            if tier == "memory":
+                load_floor = measure_memcpy_s(h * bpt)
+            elif tier == "disk":
+                load_floor = measure_file_read_s(h * bpt, tmp)
+            else:
+                load_floor = measure_redis_get_s(h * bpt, url)
             bound = load_floor + out.prefill_s
             rows.append(
                 {
@@ -149,7 +201,9 @@ def run(args: argparse.Namespace) -> dict:
                 }
             )
     llm.close()
-    return {"rows": rows, "miss": miss, "bytes_per_token": bpt}
+    if server is not None:
+        server.stop()
+    return {"rows": rows, "miss": miss, "bytes_per_token": bpt, "remote_fill_s": fill_s}
 
 
 def summarise(res: dict, args: argparse.Namespace) -> dict:
@@ -212,7 +266,14 @@ def main() -> None:
     )
     p.add_argument("--answer-tokens", type=int, default=24)
     p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--tier", choices=["memory", "disk"], default="memory")
+    p.add_argument(
+        "--tier",
+        choices=["memory", "disk", "remote"],
+        default="memory",
+        help="remote: another process fills a Redis first; this one has no local tier",
+    )
+    p.add_argument("--remote-url", default=None, help="with --tier remote: an existing Redis")
+    p.add_argument("--fill-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--miss-prompts", type=int, default=5)
     p.add_argument(
         "--miss-sentences", type=int, default=24, help="length of the miss prompts (~420 tokens)"
@@ -234,6 +295,8 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     res = run(args)
+    if args.fill_only:
+        return
     summary = summarise(res, args)
     table = Table(title=f"multi-round QA ({args.tier} tier, chunk {args.chunk_size})")
     for col in (

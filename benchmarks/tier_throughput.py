@@ -10,8 +10,8 @@ tier stores and loads the same set of chunks the way the engine does it:
 
 Raw references, measured in the same run on the same bytes:
 
-- memory: store = copy of the KV tensor into new memory (``clone``: allocation and page faults
-  are part of keeping a copy), load = copy into the preallocated destination (``copy_``);
+- memory: store = copy of the KV bytes into a new bytes object (allocation and page faults are
+  part of keeping a copy), load = copy into the preallocated destination (``copy_``);
 - disk: writing the frame bytes to a new file (write + close) / reading the file back
   (``read_bytes``, page cache warm as for the tier);
 - Redis: the same values with raw redis-py pipelined SET / GET (no kvcellar code).
@@ -94,9 +94,10 @@ def measure(tokens: int, n_chunks: int, reps: int, root: Path, redis_url: str) -
     def mem_load() -> None:
         load_into_dest([mem.get(k) for k in keys])
 
-    def memcpy_new() -> list[torch.Tensor]:
-        # storing keeps a copy in new memory: allocation (page faults) + memcpy
-        return [kv.clone() for kv in kvs]
+    def memcpy_new() -> list[bytes]:
+        # storing keeps a copy of the bytes in new memory (a bytes object, as the tier keeps):
+        # allocation (page faults) + memcpy
+        return [bytes(memoryview(kv.numpy()).cast("B")) for kv in kvs]
 
     def memcpy() -> None:
         for i, kv in enumerate(kvs):
