@@ -52,14 +52,19 @@ console = Console(width=150)
 SHAPE = (30, 2, 3, 64)  # layers, k/v, kv heads, head_dim of SmolLM2-135M
 
 
-def best_of(reps: int, fn: Callable[[], object]) -> float:
-    """Median seconds of ``reps`` runs (after one warm-up run)."""
-    fn()
+def best_of(
+    reps: int, fn: Callable[[], object], setup: Callable[[], object] | None = None
+) -> float:
+    """Median seconds of ``reps`` runs (after one warm-up run); ``setup`` runs untimed before
+    each (stores write into an emptied tier, as new chunks do, not over their previous copy)."""
     times = []
-    for _ in range(reps):
+    for i in range(reps + 1):
+        if setup is not None:
+            setup()
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
+        if i:
+            times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
@@ -108,7 +113,7 @@ def measure(tokens: int, n_chunks: int, reps: int, root: Path, redis_url: str) -
             "memory",
             tokens,
             nbytes,
-            best_of(reps, mem_store),
+            best_of(reps, mem_store, mem.clear),
             best_of(reps, memcpy_new),
             best_of(reps, mem_load),
             best_of(reps, memcpy),
@@ -128,6 +133,10 @@ def measure(tokens: int, n_chunks: int, reps: int, root: Path, redis_url: str) -
     def disk_load() -> None:
         load_into_dest([disk.get(k) for k in keys])
 
+    def files_clear() -> None:
+        for f in files.iterdir():
+            f.unlink()
+
     def file_write() -> None:
         for k, f in zip(keys, frames, strict=True):
             (files / k).write_bytes(f)
@@ -141,8 +150,8 @@ def measure(tokens: int, n_chunks: int, reps: int, root: Path, redis_url: str) -
             "disk",
             tokens,
             nbytes,
-            best_of(reps, disk_store),
-            best_of(reps, file_write),
+            best_of(reps, disk_store, disk.clear),
+            best_of(reps, file_write, files_clear),
             best_of(reps, disk_load),
             best_of(reps, file_read),
             "file write / read",
@@ -179,8 +188,8 @@ def measure(tokens: int, n_chunks: int, reps: int, root: Path, redis_url: str) -
             "redis",
             tokens,
             nbytes,
-            best_of(reps, redis_store),
-            best_of(reps, raw_set),
+            best_of(reps, redis_store, remote.clear),
+            best_of(reps, raw_set, lambda: client.delete(*("raw:" + k for k in keys))),
             best_of(reps, redis_load),
             best_of(reps, raw_get),
             "redis-py pipelined SET / GET",
