@@ -197,6 +197,16 @@ def test_redis_unreachable_at_start_serves_from_local_tiers(make_llm, caplog):
     assert remote.name == "remote" and remote.extra["up"] == 0.0 and remote.errors >= 1
     downs = [r for r in caplog.records if "is down" in r.getMessage()]
     assert len(downs) == 1  # logged once per state change, not per request
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from kvcellar.server.metrics import CacheTierCollector
+
+    reg = CollectorRegistry()
+    reg.register(CacheTierCollector(llm.engine.storage.stats))
+    text = generate_latest(reg).decode()
+    assert 'kvcellar_cache_tier_failing{tier="remote"} 1.0' in text
+    assert 'kvcellar_cache_tier_down_events_total{tier="remote"} 1.0' in text
+    assert 'kvcellar_cache_tier_failing{tier="memory"} 0.0' in text
 
 
 def test_redis_killed_mid_run_then_back(make_llm, tmp_path, caplog):

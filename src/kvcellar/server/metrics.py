@@ -41,6 +41,13 @@ _TIER_COUNTERS = (
     ("errors", "errors", "failed tier operations (the tier was skipped)"),
 )
 
+# Counters some tiers report in ``BackendStats.extra`` (0 for tiers that do not have them).
+_TIER_EXTRA_COUNTERS = (
+    ("write_back_dropped", "writes dropped because the background write-back queue was full"),
+    ("down_events", "times the remote tier went down (connection error or timeout)"),
+    ("skipped_while_down", "remote calls answered as a miss at once while the tier was down"),
+)
+
 
 class CacheTierCollector(Collector):
     """Per-tier gauges and counters read from ``stats()`` at scrape time."""
@@ -55,11 +62,15 @@ class CacheTierCollector(Collector):
         tiers = list(self._stats())
         families = self._families()
         for st in tiers:
+            n = len(_TIER_GAUGES) + len(_TIER_COUNTERS)
             for (_suffix, field, _doc), fam in zip(
-                _TIER_GAUGES + _TIER_COUNTERS, families[:-1], strict=True
+                _TIER_GAUGES + _TIER_COUNTERS, families[:n], strict=True
             ):
                 fam.add_metric([st.name], float(getattr(st, field)))
-            families[-1].add_metric([st.name], float(st.extra.get("failing", 0.0)))
+            for (field, _doc), fam in zip(_TIER_EXTRA_COUNTERS, families[n:-1], strict=True):
+                fam.add_metric([st.name], float(st.extra.get(field, 0.0)))
+            down = st.extra.get("up", 1.0) == 0.0
+            families[-1].add_metric([st.name], float(st.extra.get("failing", 0.0) or down))
         return families
 
     @staticmethod
@@ -72,10 +83,14 @@ class CacheTierCollector(Collector):
             CounterMetricFamily(f"kvcellar_cache_tier_{suffix}", doc, labels=["tier"])
             for suffix, _, doc in _TIER_COUNTERS
         ]
+        fams += [
+            CounterMetricFamily(f"kvcellar_cache_tier_{field}", doc, labels=["tier"])
+            for field, doc in _TIER_EXTRA_COUNTERS
+        ]
         fams.append(
             GaugeMetricFamily(
                 "kvcellar_cache_tier_failing",
-                "1 while the tier's last operation failed (it is skipped until it recovers)",
+                "1 while the tier is failing or marked down (it is skipped until it recovers)",
                 labels=["tier"],
             )
         )
