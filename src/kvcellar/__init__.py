@@ -1,7 +1,7 @@
 """kvcellar: a caching layer for LLM inference.
 
-Public API: :class:`LLM`, :class:`CacheEngine`, :class:`Settings`, :func:`load_model` and the
-error base :class:`KvcellarError`. Heavy modules (torch, transformers) load on first use.
+Public API: :class:`LLM`, :class:`CacheEngine`, :class:`SemanticCache`, :class:`Settings`,
+:func:`load_model` and the error base :class:`KvcellarError`. Heavy modules (torch, transformers) load on first use.
 """
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ if TYPE_CHECKING:
     from kvcellar.kv.engine import CacheEngine
     from kvcellar.llm import LLM, GenerationOutput
     from kvcellar.models.hf import HFRunner
+    from kvcellar.semantic.cache import SemanticCache
 
-__all__ = ["LLM", "CacheEngine", "GenerationOutput", "KvcellarError", "Settings", "load_model"]
+__all__ = [
+    "LLM", "CacheEngine", "GenerationOutput", "KvcellarError", "SemanticCache", "Settings",
+    "load_model",
+]
 __version__ = "0.1.0"
 
 
@@ -42,4 +46,8 @@ def __getattr__(name: str) -> Any:
         from kvcellar.kv.engine import CacheEngine
 
         return CacheEngine
+    if name == "SemanticCache":
+        from kvcellar.semantic.cache import SemanticCache
+
+        return SemanticCache
     raise AttributeError(f"module 'kvcellar' has no attribute {name!r}")
