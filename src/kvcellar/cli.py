@@ -205,6 +205,13 @@ def serve(
         typer.Option(help="both (default) | prefill (store prompt KV only) | decode (load it)"),
     ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="serve the plain model")] = False,
+    semantic: Annotated[
+        bool, typer.Option("--semantic", help="answer repeated/paraphrased chats from the "
+                           "semantic response cache")
+    ] = False,
+    semantic_config: Annotated[
+        Path | None, typer.Option(help="YAML of semantic cache settings (categories, ...)")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve the OpenAI-compatible API (chat, completions, models) plus /cache/* and /metrics."""
@@ -224,6 +231,8 @@ def serve(
         remote_url=remote_url,
         role=role,
         enabled=False if no_cache else None,
+        semantic_cache=True if semantic or semantic_config else None,
+        semantic_config=semantic_config,
     )
     from kvcellar.server.app import run
 

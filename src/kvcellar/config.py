@@ -155,6 +155,15 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(
         None, description="model id shown in /v1/models (default: the model's name)"
     )
+    semantic_cache: bool = Field(
+        False, description="answer repeated and paraphrased chat requests from the semantic cache"
+    )
+    semantic_config: Path | None = Field(
+        None, description="YAML file of semantic cache settings (thresholds, categories, ...)"
+    )
+    semantic_path: str | None = Field(
+        None, description="sqlite file of the semantic cache (default <model_cache_dir>/semantic.sqlite)"
+    )
     model_cache_dir: Path = Field(
         Path(os.path.expanduser("~/.cache/kvcellar")),
         description="where converted model weights are kept",

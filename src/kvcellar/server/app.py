@@ -40,6 +40,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -65,6 +66,7 @@ from kvcellar.server.metrics import ServerMetrics
 from kvcellar.server.schemas import (
     APIError,
     AssistantMessage,
+    CacheControl,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -88,6 +90,7 @@ from kvcellar.server.schemas import (
     UnpinResponse,
     Usage,
 )
+from kvcellar.server.semantic import SemanticLayer, SemanticRequest
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +168,10 @@ class _State:
             requests_running=lambda: self.admission.running,
             requests_waiting=lambda: self.admission.waiting,
             model_queue_depth=llm.runner.lock.waiting,
+        )
+        self.semantic = (
+            SemanticLayer(settings, self.model_name, self.metrics.registry)
+            if settings.semantic_cache else None
         )
 
 
@@ -513,6 +520,7 @@ async def _serve_generation(
     sampling: dict[str, Any],
     stream: bool,
     include_usage: bool,
+    semantic: SemanticRequest | None = None,
 ) -> Response:
     caller: Caller = request.state.caller
     ids = await _tokenize(state, prompt, param)
@@ -559,6 +567,9 @@ async def _serve_generation(
             "x-kvcellar-prefilled-tokens": str(out.prefilled_tokens),
             "x-kvcellar-queue-ms": f"{(wait_s + out.queue_s) * 1000:.1f}",
         }
+        if semantic is not None and state.semantic is not None:
+            await state.semantic.store(semantic, out.text)
+            headers.update(semantic.header)
         return JSONResponse(fmt.whole(out), headers=headers)
 
     # Streaming: wait for the first event so an error before any token is still a plain HTTP
@@ -584,6 +595,8 @@ async def _serve_generation(
                 if item.output is not None:
                     for chunk in fmt.finish(item.output):
                         yield chunk
+                    if semantic is not None and state.semantic is not None:
+                        await state.semantic.store(semantic, item.output.text)  # complete only
                 elif item.delta:
                     yield fmt.delta(item.delta)
                 item = await run.get()
@@ -597,7 +610,43 @@ async def _serve_generation(
         "cache-control": "no-cache",
         "x-accel-buffering": "no",
     }
+    if semantic is not None:
+        headers.update(semantic.header)
     return _EventStream(body(), run, headers)
+
+
+async def _serve_cached(
+    state: _State, prompt: list[dict], semantic: SemanticRequest, *, stream: bool,
+    include_usage: bool,
+) -> Response:
+    """A semantic-cache hit: the stored answer, as JSON or replayed as a stream, no model run."""
+    hit = semantic.decision.hit
+    ids = await _tokenize(state, prompt, "messages")
+    answer_ids = await run_in_threadpool(state.llm.tokenize, hit.response)
+    out = GenerationOutput(
+        text=hit.response, token_ids=answer_ids, prompt_tokens=len(ids), cached_tokens=len(ids),
+        prefilled_tokens=0, finish_reason="stop", ttft_s=0.0, total_s=0.0)
+    fmt = _ChatFormat(state, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), include_usage)
+    headers = {"x-kvcellar-cached-tokens": str(len(ids)), "x-kvcellar-prefilled-tokens": "0",
+               **semantic.header}
+    if not stream:
+        return JSONResponse(fmt.whole(out), headers=headers)
+
+    async def replay() -> AsyncIterator[str]:
+        for chunk in fmt.start():
+            yield chunk
+        # word-sized deltas, like a generation would send them
+        pieces = re.findall(r"\s*\S+", hit.response) or [hit.response]
+        trailing = hit.response[len("".join(pieces)):]
+        for piece in pieces[:-1]:
+            yield fmt.delta(piece)
+        yield fmt.delta(pieces[-1] + trailing)
+        for chunk in fmt.finish(out):
+            yield chunk
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(replay(), media_type="text/event-stream",
+                             headers={**headers, "cache-control": "no-cache"})
 
 
 # --- controller helpers -------------------------------------------------------------------------
@@ -693,6 +742,8 @@ def create_app(llm: LLM, settings: Settings) -> FastAPI:
         for run in list(state.runs):
             run.cancel()
         state.executor.shutdown(wait=False, cancel_futures=True)
+        if state.semantic is not None:
+            state.semantic.close()
 
     app = FastAPI(title="kvcellar", version="0.1.0", lifespan=lifespan)
     app.state.kvcellar = state
@@ -755,16 +806,31 @@ def create_app(llm: LLM, settings: Settings) -> FastAPI:
             ],
         )
         messages = _chat_messages(body.messages)
+        stream = bool(body.stream)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        prompt, semantic = messages, None
+        if state.semantic is not None:
+            caller: Caller = request.state.caller
+            semantic = SemanticRequest(
+                messages, caller.tenant, body.cache or CacheControl(),
+                {**sampling, "max_tokens": requested})
+            await state.semantic.lookup(
+                semantic, state.admission.waiting + state.admission.running)
+            if semantic.decision is not None and semantic.decision.hit is not None:
+                return await _serve_cached(
+                    state, messages, semantic, stream=stream, include_usage=include_usage)
+            prompt = await state.semantic.augment(semantic)
         return await _serve_generation(
             state,
             request,
             fmt_cls=_ChatFormat,
-            prompt=messages,
+            prompt=prompt,
             param="messages",
             requested_max=requested,
             sampling=sampling,
-            stream=bool(body.stream),
-            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            stream=stream,
+            include_usage=include_usage,
+            semantic=semantic,
         )
 
     @app.post("/v1/completions")

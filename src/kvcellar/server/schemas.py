@@ -54,8 +54,20 @@ class _SamplingRequest(_Request):
     logit_bias: dict[str, float] | None = None
 
 
+class CacheControl(_Request):
+    """Per-request semantic cache control (LiteLLM's shape): ``{"no-cache": true}`` skips the
+    lookup, ``{"no-store": true}`` keeps the answer out of the cache, ``ttl`` in seconds."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    no_cache: bool = Field(False, alias="no-cache")
+    no_store: bool = Field(False, alias="no-store")
+    ttl: float | None = Field(None, gt=0)
+    category: str | None = None
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage]
+    cache: CacheControl | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None

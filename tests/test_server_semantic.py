@@ -1,0 +1,102 @@
+"""The semantic cache in front of the real server: hits skip the model, tenants stay apart,
+per-request control in the body, stream replay, and metrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_server import ALICE, BOB, MODEL, Server, _serve
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("semantic-server")
+    with _serve(
+        tmp, model=MODEL, chunk_size=64, api_keys={"key-a": "alice", "key-b": "bob"},
+        semantic_cache=True, semantic_path=str(tmp / "semantic.sqlite"),
+    ) as s:
+        yield s
+
+
+def _chat(server: Server, text: str, headers=ALICE, **extra):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 12,
+            "temperature": 0, **extra}
+    return server.post("/v1/chat/completions", body, headers=headers)
+
+
+def _stream_text(response) -> str:
+    parts = []
+    for line in response.text.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            for choice in json.loads(line[6:])["choices"]:
+                parts.append(choice["delta"].get("content") or "")
+    return "".join(parts)
+
+
+def test_miss_then_exact_then_semantic_hit(server):
+    first = _chat(server, "What is the capital of France?")
+    assert first.status_code == 200 and first.headers["x-kvcellar-cache"] == "miss"
+    answer = first.json()["choices"][0]["message"]["content"]
+    again = _chat(server, "what is the capital of France")
+    assert again.headers["x-kvcellar-cache"] == "exact"
+    body = again.json()
+    assert body["choices"][0]["message"]["content"] == answer
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == body["usage"]["prompt_tokens"]
+    para = _chat(server, "What's the capital of France?")
+    assert para.headers["x-kvcellar-cache"] == "semantic", para.headers
+    assert float(para.headers["x-kvcellar-cache-similarity"]) > 0.75
+    assert para.json()["choices"][0]["message"]["content"] == answer
+    # another tenant, other sampling parameters: separate namespaces
+    assert _chat(server, "What is the capital of France?", BOB).headers["x-kvcellar-cache"] == "miss"
+    assert _chat(server, "What is the capital of France?",
+                 temperature=0.5, seed=1).headers["x-kvcellar-cache"] == "miss"
+
+
+def test_trap_is_a_miss(server):
+    _chat(server, "How do I enable dark mode in Firefox?")
+    trap = _chat(server, "How do I disable dark mode in Firefox?")
+    assert trap.headers["x-kvcellar-cache"] == "miss"
+
+
+def test_stream_is_stored_when_complete_and_replayed(server):
+    question = "Name three colours of the rainbow."
+    streamed = _chat(server, question, stream=True)
+    assert streamed.status_code == 200 and streamed.headers["x-kvcellar-cache"] == "miss"
+    text = _stream_text(streamed)
+    plain = _chat(server, question)
+    assert plain.headers["x-kvcellar-cache"] == "exact"
+    assert plain.json()["choices"][0]["message"]["content"] == text
+    replay = _chat(server, question, stream=True, stream_options={"include_usage": True})
+    assert replay.headers["x-kvcellar-cache"] == "exact"
+    assert replay.headers["content-type"].startswith("text/event-stream")
+    assert _stream_text(replay) == text
+    assert replay.text.rstrip().endswith("data: [DONE]")
+
+
+def test_per_request_cache_control(server):
+    question = "What is the boiling point of water at sea level?"
+    bypass = _chat(server, question, cache={"no-cache": True, "no-store": True})
+    assert bypass.headers["x-kvcellar-cache"] == "bypass"
+    assert _chat(server, question, cache={"no-store": True}).headers["x-kvcellar-cache"] == "miss"
+    assert _chat(server, question).headers["x-kvcellar-cache"] == "miss"  # nothing was stored
+    assert _chat(server, question).headers["x-kvcellar-cache"] == "exact"
+    bad = _chat(server, question, cache={"no-cache": "sometimes"})
+    assert bad.status_code == 422
+    assert _chat(server, question, cache={"ttl": -1}).status_code == 422
+    assert _chat(server, question, cache={"unknown": 1}).status_code == 422
+
+
+def test_semantic_metrics(server):
+    _chat(server, "How many legs does a spider have?")
+    _chat(server, "How many legs does a spider have?")
+    text = server.get("/metrics", headers=ALICE).text
+    samples = {(s.name, s.labels.get("result")): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("kvcellar_semantic_lookups_total", "exact")] >= 1
+    assert samples[("kvcellar_semantic_lookups_total", "miss")] >= 1
+    assert samples[("kvcellar_semantic_stores_total", None)] >= 1
