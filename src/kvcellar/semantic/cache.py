@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from kvcellar.errors import KvcellarError
+from kvcellar.errors import KvcellarError, StorageError
 from kvcellar.semantic.config import SemanticSettings
 from kvcellar.semantic.embed import Embedder
 from kvcellar.semantic.index import IndexSet
@@ -191,9 +191,21 @@ class SemanticCache:
         self._category_vectors: list[tuple[str, np.ndarray]] | None = None
         self._last_served: dict[int, float] = {}
         self._rng = np.random.default_rng()
-        _, self._cursor = self.backend.changes(None)
+        self._cursor: Any = None
         self._last_sync = time.monotonic()
-        self.indexes.rebuild(self.backend.iter_index_rows())
+        self._needs_rebuild = True
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Indexes from the store; with the store unreachable (Redis down) the cache answers
+        every lookup with a miss and tries again at the next sync."""
+        try:
+            _, cursor = self.backend.changes(None)
+            self.indexes.rebuild(self.backend.iter_index_rows())
+        except StorageError as exc:
+            log.warning("semantic cache store unavailable, serving misses: %s", exc)
+            return
+        self._cursor, self._needs_rebuild = cursor, False
 
     # ---- keys -------------------------------------------------------------------------------
     def namespace(self, conv: Conversation, tenant: str, sampling: Mapping[str, Any] | None,
@@ -278,7 +290,19 @@ class SemanticCache:
                         model: str | None = None) -> Decision:
         conv = Conversation.parse(query_or_messages)
         self._validate(conv, tenant)
+        try:
+            return self._lookup(conv, tenant, category, sampling, model)
+        except StorageError as exc:
+            log.warning("semantic lookup failed, treated as a miss: %s", exc)
+            self._count("store_errors")
+            self._needs_rebuild = True
+            return self._miss(Decision(None, category, reason="store unavailable"))
+
+    def _lookup(self, conv: Conversation, tenant: str, category: str | None,
+                sampling: Mapping[str, Any] | None, model: str | None) -> Decision:
         self.sync()
+        if self._needs_rebuild:
+            return self._miss(Decision(None, category, reason="store unavailable"))
         now = time.time()
         ns = self.namespace(conv, tenant, sampling, model)
         ins = self._index_ns(ns, conv, self.settings.context_window)
@@ -412,6 +436,20 @@ class SemanticCache:
         if not self._admit(tenant):
             self._count("admission_rejected")
             return None
+        try:
+            return self._store(conv, response, tenant, category, ttl, sampling, model,
+                               query_vec, ctx_vecs, index_vec)
+        except StorageError as exc:
+            log.warning("semantic store failed, answer not cached: %s", exc)
+            self._count("store_errors")
+            self._needs_rebuild = True
+            return None
+
+    def _store(self, conv: Conversation, response: str, tenant: str, category: str | None,
+               ttl: float | None, sampling: Mapping[str, Any] | None, model: str | None,
+               query_vec: np.ndarray, ctx_vecs: np.ndarray | None,
+               index_vec: np.ndarray) -> int:
+        cat_cfg = self.settings.category(category)
         now = time.time()
         ttl = ttl or (cat_cfg.ttl_s if cat_cfg else None) or self.settings.ttl_s
         ns = self.namespace(conv, tenant, sampling, model)
@@ -510,6 +548,9 @@ class SemanticCache:
         if not force and now - self._last_sync < self.settings.sync_interval_s:
             return 0
         self._last_sync = now
+        if self._needs_rebuild:
+            self._rebuild()
+            return 0
         applied = 0
         while True:
             events, cursor = self.backend.changes(self._cursor)
@@ -541,7 +582,10 @@ class SemanticCache:
         now = time.time()
         for suffix in ("q", "c"):
             for label, _ in self.indexes.search(f"{ns}:{suffix}", query_vec, k * 2):
-                entry = self.backend.get(label)
+                try:
+                    entry = self.backend.get(label)
+                except StorageError:
+                    return []
                 if entry is None or entry.expired(now):
                     continue
                 sim = float(entry.vector @ query_vec)
@@ -569,13 +613,18 @@ class SemanticCache:
         c = self._stats.counters
         lookups = c["lookups"]
         hits = c["exact_hits"] + c["semantic_hits"]
+        try:
+            entries: int | None = self.backend.count()
+        except StorageError:
+            entries = None
         return {
-            "entries": self.backend.count(),
+            "entries": entries,
             "indexed": len(self.indexes),
             "lookups": lookups, "exact_hits": c["exact_hits"],
             "semantic_hits": c["semantic_hits"], "misses": c["misses"],
             "hit_rate": hits / lookups if lookups else 0.0,
             "stores": c["stores"], "admission_rejected": c["admission_rejected"],
+            "store_errors": c["store_errors"],
             "rejections": dict(self._stats.rejections),
             "evictions": {k.removeprefix("evicted_"): v for k, v in c.items()
                           if k.startswith("evicted_")},

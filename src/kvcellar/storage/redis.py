@@ -39,7 +39,7 @@ PREFIX = "kvc:"
 _SCAN_BATCH = 1000
 
 
-def _client(url: str, timeout_s: float) -> Any:
+def redis_client(url: str, timeout_s: float) -> Any:
     """A redis-py client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+cluster://``."""
     import redis
     from redis.backoff import NoBackoff
@@ -89,7 +89,7 @@ class RedisBackend:
         self.ttl_ms = int(ttl_s * 1000) if ttl_s else None
         self._errors_types = (redis.ConnectionError, redis.TimeoutError, OSError)
         self._redis_error = redis.RedisError
-        self._client = _client(url, timeout_s)
+        self._client = redis_client(url, timeout_s)
         self._cluster = "+cluster" in url.split("://", 1)[0]
         self._lock = threading.Lock()
         self._retry_initial = retry_initial_s

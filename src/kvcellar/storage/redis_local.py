@@ -143,9 +143,10 @@ class RedisCluster:
             n.stop()
 
 
-def start_redis(workdir: Path | None = None, extra: list[str] | None = None) -> RedisServer:
+def start_redis(workdir: Path | None = None, extra: list[str] | None = None,
+                port: int | None = None) -> RedisServer:
     root = workdir or Path(tempfile.mkdtemp(prefix="kvcellar-redis-"))
-    return RedisServer(free_port(), root, list(extra or [])).start()
+    return RedisServer(port or free_port(), root, list(extra or [])).start()
 
 
 def start_cluster(workdir: Path | None = None, masters: int = 3) -> RedisCluster:
