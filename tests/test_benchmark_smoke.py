@@ -84,3 +84,25 @@ def test_tier_throughput_quick(tmp_path):
         assert r["store_GBps"] > 0 and r["load_GBps"] > 0
         assert r["raw_store_GBps"] > 0 and r["raw_load_GBps"] > 0
         assert r["load_ratio"] == pytest.approx(r["load_GBps"] / r["raw_load_GBps"])
+
+
+@pytest.mark.slow
+def test_semantic_cache_benchmark_quick(tmp_path):
+    out = tmp_path / "sem.json"
+    data = _run_quick("semantic_cache.py", out)
+    acc = data["accuracy"]
+    assert set(acc) == {"kvcellar", "kvcellar no gate", "kvcellar last-message only", "GPTCache-style"}
+    assert acc["kvcellar"]["wrong_on_traps"] < acc["kvcellar no gate"]["wrong_on_traps"]
+    assert acc["kvcellar"]["multiturn"]["wrong_on_different_context"] == 0
+    assert [r["entries"] for r in data["latency"]] == [2000, 10000]
+    assert all(r["excluding_embedding"]["p50_ms"] > 0 for r in data["latency"])
+    assert data["hijack"]["victims"] == 5 and data["hijack"]["hijacks_gate"] == 0
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_ic_cache_benchmark_quick(tmp_path):
+    data = _run_quick("ic_cache.py", tmp_path / "ic.json")
+    s = data["summary"]
+    assert s["questions"] == 4 and 0 <= s["accuracy_plain"] <= 1 and 0 <= s["accuracy_ic"] <= 1
+    assert s["mean_prompt_tokens_ic"] > s["mean_prompt_tokens_plain"]  # the examples were added

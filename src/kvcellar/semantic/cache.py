@@ -180,7 +180,8 @@ class SemanticCache:
                                     else Path(settings.path).expanduser())
         self.backend = store
         self.gate = gate or VerificationGate(default_checks(
-            self.embedder.token_embeddings, settings.checks, settings.content_min_score))
+            self.embedder.token_embeddings, settings.checks, settings.content_min_score,
+            settings.scope_min_alignment))
         self.indexes = IndexSet(
             self.embedder.dim, m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction,
             ef_search=settings.hnsw_ef_search)

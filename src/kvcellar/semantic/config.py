@@ -54,14 +54,16 @@ class SemanticSettings(_Strict):
     redis_url: str | None = None  # shared store across servers (source of truth when set)
     redis_prefix: str = "kvcellar:sem"
     embedding_model: str = DEFAULT_EMBEDDING_MODEL  # or a local sentence-transformers dir
-    threshold: float = Field(0.75, ge=0.0, le=1.0)  # cosine similarity of the queries
-    context_threshold: float = Field(0.80, ge=0.0, le=1.0)  # per preceding turn
+    threshold: float = Field(0.65, ge=0.0, le=1.0)  # cosine similarity of the queries
+    context_threshold: float = Field(0.70, ge=0.0, le=1.0)  # per preceding turn
     context_window: int = Field(3, ge=0)  # preceding turns compared (0: last message only)
     candidates: int = Field(8, ge=1, le=256)  # ANN neighbours examined per lookup
     ttl_s: float | None = Field(None, gt=0)  # default entry lifetime; None: until evicted
     max_query_chars: int = Field(16_000, ge=1)
-    checks: list[str] = Field(default_factory=lambda: ["negation", "numbers", "entities", "scope", "content"])
+    checks: list[str] = Field(default_factory=lambda: ["negation", "question", "numbers", "entities", "substitution",
+                                 "scope", "content"])
     content_min_score: float = Field(0.3, ge=0.0, le=1.0)
+    scope_min_alignment: float = Field(0.6, ge=0.0, le=1.0)
     categories: list[CategoryConfig] = Field(default_factory=list)
     classifier_min_similarity: float = Field(0.45, ge=0.0, le=1.0)
     load_relax_max: float = Field(0.0, ge=0.0, le=0.5)  # threshold drop at full load

@@ -10,12 +10,15 @@ Checks are plain callables; a cross-encoder or the served LLM as judge plugs in 
 from __future__ import annotations
 
 import re
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from kvcellar.errors import ConfigError
 
 _WORD = re.compile(r"[a-z0-9][a-z0-9'+#]*(?:[.\-][a-z0-9+#]+)*", re.I)
 _RAW_TOKEN = re.compile(r"\S+")
@@ -24,8 +27,13 @@ _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 NEGATIONS = frozenset(
     "not no never none nothing nobody nowhere neither nor without cannot cant can't won't wont "
     "don't dont doesn't doesnt isn't isnt aren't arent wasn't weren't shouldn't wouldn't couldn't "
-    "didn't hasn't haven't hadn't mustn't needn't shan't".split()
+    "didn't hasn't haven't hadn't mustn't needn't shan't avoid avoiding prevent except excluding "
+    "lack lacking".split()
 )
+
+
+def _is_negation(word: str) -> bool:
+    return word in NEGATIONS or word.endswith("n't") or word.startswith("non-")
 # Words whose swap flips the answer. Matching is on a light stem, so "enabling" pairs "disabled".
 _ANTONYM_PAIRS = [
     ("enable", "disable"), ("activate", "deactivate"), ("on", "off"), ("allow", "block"),
@@ -53,7 +61,7 @@ _ANTONYM_PAIRS = [
     ("synchronous", "asynchronous"), ("valid", "invalid"), ("visible", "invisible"),
     ("approve", "deny"), ("hire", "fire"), ("gain", "lose"), ("profit", "loss"),
     ("deposit", "withdraw"), ("credit", "debit"), ("internal", "external"),
-    ("client", "server"), ("front", "back"), ("uppercase", "lowercase"), ("upper", "lower"),
+    ("client", "server"), ("front", "back"), ("good", "bad"), ("better", "worse"), ("uppercase", "lowercase"), ("upper", "lower"),
 ]
 # Numbers, units and calendar words must agree exactly: a changed one changes the answer.
 _NUMBER_WORDS = {
@@ -78,7 +86,11 @@ _UNITS = {
     "gb": "GB", "mb": "MB", "tb": "TB", "kb": "KB", "percent": "%", "%": "%", "dollar": "$",
     "$": "$", "usd": "$", "euro": "EUR", "€": "EUR", "eur": "EUR", "£": "GBP", "gbp": "GBP",
     "yen": "JPY", "calorie": "kcal", "kcal": "kcal", "mph": "mph", "kmh": "kmh", "watt": "W",
-    "volt": "V", "byte": "B", "bit": "bit", "daily": "d", "weekly": "wk", "monthly": "mo",
+    "volt": "V", "byte": "B", "bit": "bit", "millisecond": "ms", "ms": "ms",
+    "microsecond": "us", "nanosecond": "ns", "teaspoon": "tsp", "tsp": "tsp",
+    "tablespoon": "tbsp", "tbsp": "tbsp", "pint": "pt", "quart": "qt", "acre": "acre",
+    "hectare": "ha", "degree": "deg", "m": "m", "l": "l", "milliliter": "ml",
+    "millilitre": "ml", "millimeter": "mm", "millimetre": "mm", "daily": "d", "weekly": "wk", "monthly": "mo",
     "yearly": "y", "annual": "y", "annually": "y", "hourly": "h",
 }
 _UNIT_SETS = {"mph": ("mi", "h"), "kmh": ("km", "h"), "kph": ("km", "h")}
@@ -95,8 +107,11 @@ _CALENDAR_SYNONYMS = {"12pm": "noon", "12am": "midnight", "jan": "january",
                       "tues": "tuesday", "thu": "thursday", "thurs": "thursday", "fri": "friday"}
 
 
+_MERIDIEM = re.compile(r"\d\s*([ap])\.?m\b", re.I)
+
+
 def _calendar(text: str) -> set[str]:
-    found = set()
+    found = {f"{m.lower()}m" for m in _MERIDIEM.findall(text)}
     for w in words(text):
         w = _CALENDAR_SYNONYMS.get(w, w)
         if w in _CALENDAR:
@@ -110,7 +125,7 @@ STOPWORDS = frozenset(
     "shall may might must need please tell give know want like just also any some all each "
     "every other such than too very get got make let s t one ones way ways thing things it's "
     "i'm i'd i'll you're what's how's there's let's hi hello hey thanks thank help explain "
-    "best good really actually possible able".split()
+    "best good really actually possible able whats hows thats theres".split()
 )
 
 
@@ -143,7 +158,7 @@ class Check(Protocol):
 
 
 def content_stems(text: str) -> set[str]:
-    return {_stem(w) for w in words(text)
+    return {_stem(w.removeprefix("non-")) for w in words(text)
             if w not in STOPWORDS and w not in NEGATIONS and not w.endswith("n't")}
 
 
@@ -167,8 +182,8 @@ class NegationCheck:
 
     def __call__(self, query: str, candidate: str) -> str | None:
         qw, cw = words(query), words(candidate)
-        qn = sum(w in NEGATIONS or w.endswith("n't") for w in qw)
-        cn = sum(w in NEGATIONS or w.endswith("n't") for w in cw)
+        qn = sum(_is_negation(w) for w in qw)
+        cn = sum(_is_negation(w) for w in cw)
         if qn % 2 != cn % 2 and overlap(query, candidate) >= self.min_overlap:
             return "negation differs"
         qs, cs = {_stem(w) for w in qw}, {_stem(w) for w in cw}
@@ -194,28 +209,73 @@ def _numbers(text: str) -> Counter:
     return values
 
 
-def _units(text: str) -> set[str]:
-    """Units attached to a quantity ("3 days", "5km", "two-hour"); a bare "how many days"
-    names the unit of the answer, which a paraphrase may leave implicit."""
-    found = set()
+_QUANTIFIERS = {"a", "an", "per", "each", "every", "one"}
+_RATES = {"daily", "weekly", "monthly", "yearly", "annual", "annually", "hourly"}  # "per day"
+
+
+def _units(text: str) -> tuple[set[str], set[str]]:
+    """(units attached to a quantity, every unit mentioned). "3 days", "5km", "two-hour",
+    "per hour" and "a day" are quantified; a bare "how many days" names the unit of the
+    answer, which a paraphrase may leave implicit ("how long")."""
+    quantified, mentioned = set(), set()
     lowered = text.lower()
     for sym in ("%", "$", "€", "£"):
         if sym in lowered:
-            found.add(_UNITS[sym])
+            quantified.add(_UNITS[sym])
     previous_is_number = False
     for w in words(text):
         parts = w.split("-")
         glued = re.sub(r"^\d+(?:\.\d+)?", "", parts[-1])  # "5km", "10gb"
-        quantified = previous_is_number or glued != parts[-1] or (
+        is_quantified = previous_is_number or glued != parts[-1] or (
             len(parts) > 1 and (parts[0] in _NUMBER_WORDS or parts[0].isdigit()))
-        unit = glued[:-1] if glued.endswith("s") and glued[:-1] in _UNITS else glued
-        if quantified and unit in _UNITS:
-            found.add(_UNITS[unit])
-        if quantified or unit in ("mph", "kmh", "kph"):
-            found.update(_UNIT_SETS.get(unit, ()))
-        previous_is_number = w.replace(".", "").isdigit() or (
-            w in _NUMBER_WORDS and w not in ("a", "an"))
+        unit = glued
+        for suffix in ("s", "es"):
+            if glued.endswith(suffix) and glued[: -len(suffix)] in _UNITS:
+                unit = glued[: -len(suffix)]
+        found = {_UNITS[unit]} if unit in _UNITS else set(_UNIT_SETS.get(unit, ()))
+        mentioned |= found
+        if is_quantified or unit in _UNIT_SETS or unit in _RATES:
+            quantified |= found
+        previous_is_number = (w.replace(".", "").isdigit() or w in _NUMBER_WORDS
+                              or w in _QUANTIFIERS)
+    return quantified, mentioned
+
+
+_WHEN = re.compile(r"\b(?:what|which) (?:year|date|time|day|month|century)\b")
+
+
+_HOW = re.compile(r"\bhow (much|many|long|far|old|often|big|tall)\b")
+_HOW_LONG = re.compile(r"\bhow (?:long|many (?:seconds|minutes|hours|days|weeks|months|years)|much time)\b")
+_CLAUSE_WH = re.compile(r"(?:^|[.,;:!?]\s*)(who|when|where|why)\b")
+
+
+def _question_types(text: str) -> set[str]:
+    """Question words that open a clause ("declined when I paid" asks nothing about time)."""
+    lowered = text.lower().strip()
+    found = set(_CLAUSE_WH.findall(lowered))
+    if _WHEN.search(lowered):
+        found.add("when")
+    if _HOW_LONG.search(lowered):
+        found.add("how long")
+    else:
+        found |= {f"how {m}" for m in _HOW.findall(lowered)}
     return found
+
+
+class QuestionTypeCheck:
+    """"Who wrote Hamlet?" and "When was Hamlet written?" share every content word; the
+    question word asks for a person, a time, a place or a reason. Compared when both have one."""
+
+    name = "question"
+
+    def __call__(self, query: str, candidate: str) -> str | None:
+        q, c = _question_types(query), _question_types(candidate)
+        # "how much" and "how many" both ask for a quantity
+        q = {"how much" if t == "how many" else t for t in q}
+        c = {"how much" if t == "how many" else t for t in c}
+        if q and c and q != c:
+            return f"asks {'/'.join(sorted(q))} vs {'/'.join(sorted(c))}"
+        return None
 
 
 class NumberDateCheck:
@@ -226,7 +286,8 @@ class NumberDateCheck:
     def __call__(self, query: str, candidate: str) -> str | None:
         if _numbers(query) != _numbers(candidate):
             return "numbers differ"
-        if _units(query) != _units(candidate):
+        (q_quantified, q_all), (c_quantified, c_all) = _units(query), _units(candidate)
+        if q_quantified != c_quantified or (q_all and c_all and q_all != c_all):
             return "units differ"
         if _calendar(query) != _calendar(candidate):
             return "dates differ"
@@ -266,6 +327,8 @@ class EntityCheck:
     name = "entities"
 
     def __call__(self, query: str, candidate: str) -> str | None:
+        if _quoted(query) != _quoted(candidate):  # 'cat' vs 'dog': the quoted thing is the topic
+            return "quoted text differs"
         q_missing = [e for e in sorted(_strong_entities(query)) if not _mentioned(e, candidate)]
         c_missing = [e for e in sorted(_strong_entities(candidate)) if not _mentioned(e, query)]
         if q_missing and c_missing:
@@ -279,24 +342,116 @@ class EntityCheck:
 class ScopeCheck:
     """One side adds content words and the other adds none: a narrowed or widened question
     ("sort a list" vs "sort a list in reverse order"), or an appended payload. A paraphrase
-    rewords both sides, so it has unmatched words on each."""
+    rewords both sides, so it has unmatched words on each; with a token embedder, an added word
+    whose contextual vector has a close counterpart on the other side ("Which artist painted"
+    vs "Who painted") is a rewording, not a new constraint."""
 
     name = "scope"
+
+    def __init__(self, tokens: TokenCache | None = None, min_alignment: float = 0.6) -> None:
+        self.tokens = tokens
+        self.min_alignment = min_alignment
 
     def __call__(self, query: str, candidate: str) -> str | None:
         q, c = content_stems(query), content_stems(candidate)
         extra_q, extra_c = q - c, c - q
-        if bool(extra_q) != bool(extra_c):
-            side, extra = ("query", extra_q) if extra_q else ("candidate", extra_c)
-            return f"{side} adds {sorted(extra)[:3]}"
-        return None
+        if bool(extra_q) == bool(extra_c):
+            return None
+        side, extra = ("query", extra_q) if extra_q else ("candidate", extra_c)
+        if self.tokens is not None:
+            own, other = (query, candidate) if extra_q else (candidate, query)
+            scores = self.tokens.word_alignment(own, other, extra)
+            if scores and min(scores) >= self.min_alignment:
+                return None
+        return f"{side} adds {sorted(extra)[:3]}"
+
+
+# Everyday synonyms a one-word rewording uses; anything else swapped for one word is treated as
+# a different question ("symbol for gold" / "symbol for silver", "cat" / "dog").
+_SYNONYM_GROUPS = [
+    {"big", "large", "huge"}, {"biggest", "largest"}, {"small", "little", "tiny"},
+    {"smallest", "tiniest"}, {"delete", "remove", "erase"}, {"change", "modify", "alter", "edit"},
+    {"fix", "repair", "solve", "resolve"}, {"buy", "purchase"}, {"start", "begin"},
+    {"end", "finish", "stop"}, {"fast", "quick", "rapid"}, {"fastest", "quickest"},
+    {"cheap", "inexpensive", "affordable"}, {"find", "locate"}, {"show", "display"},
+    {"make", "create", "build"}, {"error", "exception"}, {"car", "automobile"},
+    {"movie", "film"}, {"phone", "smartphone", "mobile"}, {"picture", "photo", "image"},
+    {"shut", "close"}, {"correct", "right"}, {"wrong", "incorrect"}, {"use", "utilize"},
+    {"need", "require"}, {"help", "assist"}, {"get", "obtain", "receive"},
+    {"enough", "sufficient"}, {"ill", "sick"}, {"doctor", "physician"}, {"kid", "child"},
+    {"kids", "children"}, {"rich", "wealthy"}, {"job", "work"}, {"shop", "store"},
+    {"trip", "journey", "travel"}, {"home", "house"}, {"author", "writer"},
+    {"price", "cost"}, {"reset", "recover"}, {"sign", "log"},
+    {"enable", "activate", "turn", "switch"},  # "turn on": polarity is the negation check's job
+]
+_SYNONYMS = {}
+for _group in _SYNONYM_GROUPS:
+    for _w in _group:
+        _SYNONYMS.setdefault(_stem(_w), set()).update(_stem(x) for x in _group)
+
+
+class SubstitutionCheck:
+    """Two texts that differ in exactly one content word on each side: one thing swapped for
+    another of the same kind ("chemical symbol for gold" / "... silver", "boiling" / "freezing
+    point", "city" / "province"). Embeddings rate such co-hyponyms as close as synonyms, so
+    only inflections and a small table of everyday synonyms pass."""
+
+    name = "substitution"
+
+    def __call__(self, query: str, candidate: str) -> str | None:
+        q, c = content_stems(query), content_stems(candidate)
+        extra_q, extra_c = q - c, c - q
+        if len(extra_q) != 1 or len(extra_c) != 1 or not (q & c):
+            return None
+        a, b = next(iter(extra_q)), next(iter(extra_c))
+        if a.startswith(b) or b.startswith(a) or b in _SYNONYMS.get(a, ()):
+            return None
+        return f"{a!r} swapped for {b!r}"
+
+
+_QUOTES = "\"\u201c\u201d\u2018\u2019'"
+_QUOTED = re.compile(f"[{_QUOTES}]([^{_QUOTES}]{{1,80}})[{_QUOTES}]")
+
+
+def _quoted(text: str) -> set[str]:
+    # apostrophes inside words ("don't") are not quotes: require a non-letter before the opener
+    spans = set()
+    for m in _QUOTED.finditer(text):
+        before = text[m.start() - 1] if m.start() else " "
+        if not before.isalnum():
+            spans.add(normalize_quote(m.group(1)))
+    return spans
+
+
+def normalize_quote(span: str) -> str:
+    return " ".join(words(span))
 
 
 def _squash(text: str) -> str:
     return re.sub(r"[-.'\s]", "", text.lower())
 
 
+# Common names of one place (a small table; the rest is left to the embedding).
+_ALIASES = [
+    {"us", "usa", "u.s.", "u.s.a.", "america", "american", "americans", "united states"},
+    {"uk", "u.k.", "britain", "british", "united kingdom", "great britain"},
+    {"nyc", "new york"}, {"la", "los angeles"}, {"sf", "san francisco"},
+    {"eu", "europe", "european", "european union"}, {"uae", "emirates"},
+]
+
+
+def _alias_group(entity: str) -> set[str]:
+    for group in _ALIASES:
+        if entity in group:
+            return group
+    return {entity}
+
+
 def _mentioned(entity: str, other: str) -> bool:
+    other_words = f" {' '.join(words(other))} "
+    for alias in _alias_group(entity):
+        if f" {alias} " in other_words:
+            return True
     if _squash(entity) in _squash(other):
         return True
     # camel-case and hyphen parts, so "JavaScript" offers initials "js", "two-factor" "2f"
@@ -309,18 +464,65 @@ def _mentioned(entity: str, other: str) -> bool:
     key = _squash(entity)
     if len(key) >= 2 and key.isalnum() and key in initials:
         return True
-    # demonyms and inflections: Italy / Italian, Canada / Canadian, Britain / British
-    return any(_shared_prefix(key, p) >= max(4, int(0.6 * min(len(key), len(p))))
-               for p in parts if len(p) >= 4)
+    # demonyms and inflections: Italy / Italian, Canada / Canadian, Japan / Japanese
+    return any(_demonym(key, p) or _demonym(p, key) for p in parts if len(p) >= 4)
 
 
-def _shared_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+_DEMONYM_SUFFIXES = ("", "n", "an", "ian", "ese", "ish", "i", "er", "s")
+
+
+def _demonym(base: str, other: str) -> bool:
+    stem = base.rstrip("aeiouy") if len(base) > 4 else base
+    return (len(stem) >= 4 and other.startswith(stem) and other != base
+            and other[len(stem):] in _DEMONYM_SUFFIXES)
+
+
+
+
+
+class TokenCache:
+    """Contextual token vectors of recent texts (a gate looks at the same texts repeatedly)."""
+
+    def __init__(self, token_embedder: Callable[[list[str]], list], size: int = 4096) -> None:
+        self._embed = token_embedder
+        self._size = size
+        self._cache: OrderedDict[str, tuple[list[str], np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, texts: Sequence[str]) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
+        """Per text: (word pieces, unit vectors, content-piece mask)."""
+        with self._lock:
+            missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        fresh = dict(zip(missing, self._embed(missing), strict=True)) if missing else {}
+        with self._lock:
+            for text, te in fresh.items():
+                content = np.array([_is_content(tok) for tok in te.tokens], dtype=bool)
+                self._cache[text] = (te.tokens, te.vectors, content)
+                while len(self._cache) > self._size:
+                    self._cache.popitem(last=False)
+            out = []
+            for t in texts:
+                self._cache.move_to_end(t)
+                out.append(self._cache[t])
+            return out
+
+    def word_alignment(self, text: str, other: str, stems: set[str]) -> list[float]:
+        """For each word of `text` whose stem is in `stems`: the best cosine of its (mean
+        piece) vector with any token of `other`."""
+        (tokens, vecs, _), (_, other_vecs, _) = self.get([text, other])
+        words_: list[tuple[str, list[int]]] = []
+        for i, tok in enumerate(tokens):
+            if tok.startswith("##") and words_:
+                words_[-1] = (words_[-1][0] + tok[2:], [*words_[-1][1], i])
+            else:
+                words_.append((tok, [i]))
+        scores = []
+        for word, idx in words_:
+            if _stem(word) in stems:
+                v = vecs[idx].mean(axis=0)
+                v = v / max(float(np.linalg.norm(v)), 1e-12)
+                scores.append(float((other_vecs @ v).max()) if len(other_vecs) else 0.0)
+        return scores
 
 
 class ContentAlignmentCheck:
@@ -333,29 +535,12 @@ class ContentAlignmentCheck:
 
     name = "content"
 
-    def __init__(self, token_embedder: Callable[[list[str]], list], min_score: float = 0.3,
-                 cache_size: int = 4096) -> None:
-        self._embed = token_embedder
+    def __init__(self, tokens: TokenCache, min_score: float = 0.3) -> None:
+        self.tokens = tokens
         self.min_score = min_score
-        self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._cache_size = cache_size
-
-    def _tokens(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if missing:
-            for text, te in zip(missing, self._embed(missing), strict=True):
-                content = np.array([_is_content(tok) for tok in te.tokens], dtype=bool)
-                self._cache[text] = (te.vectors, content)
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        out = []
-        for t in texts:
-            self._cache.move_to_end(t)
-            out.append(self._cache[t])
-        return out
 
     def score(self, query: str, candidate: str) -> float:
-        (qv, qc), (cv, cc) = self._tokens([query, candidate])
+        (_, qv, qc), (_, cv, cc) = self.tokens.get([query, candidate])
         if not len(qv) or not len(cv):
             return 0.0
         sims = qv @ cv.T
@@ -386,7 +571,14 @@ class Verdict:
 
 
 class VerificationGate:
-    """Runs its checks in order over the query and, turn by turn, over the context chain."""
+    """Runs its checks in order over the query, then over the earlier turns of the chain.
+
+    Earlier turns are held to the checks of facts (negation, numbers, dates, entities, question
+    words), not to wording (scope, content): an earlier turn may be long and freely reworded,
+    while a changed city or amount in it still changes the answer to the last question.
+    """
+
+    CONTEXT_CHECKS = frozenset({"negation", "question", "numbers", "entities"})
 
     def __init__(self, checks: Sequence[Check]) -> None:
         self.checks = list(checks)
@@ -395,31 +587,41 @@ class VerificationGate:
         self, query: str, candidate: str,
         context: Sequence[str] = (), candidate_context: Sequence[str] = (),
     ) -> Verdict:
-        pairs = [(query, candidate), *zip(context, candidate_context, strict=False)]
         for check in self.checks:
-            for q, c in pairs:
+            reason = check(query, candidate)
+            if reason is not None:
+                return Verdict(False, check.name, reason)
+        for check in self.checks:
+            if check.name not in self.CONTEXT_CHECKS:
+                continue
+            for q, c in zip(context, candidate_context, strict=False):
                 reason = check(q, c)
                 if reason is not None:
-                    return Verdict(False, check.name, reason)
+                    return Verdict(False, check.name, f"earlier turn: {reason}")
         return Verdict(True)
 
 
 def default_checks(token_embedder: Callable[[list[str]], list] | None,
-                   names: Sequence[str], content_min_score: float) -> list[Check]:
-    """The built-in checks by name (negation, numbers, entities, scope, content)."""
-    available: dict[str, Callable[[], Check]] = {
+                   names: Sequence[str], content_min_score: float,
+                   scope_min_alignment: float = 0.6) -> list[Check]:
+    """The built-in checks by name (negation, question, numbers, entities, substitution, scope,
+    content).
+    Without a token embedder, `content` is skipped and `scope` is purely lexical."""
+    tokens = TokenCache(token_embedder) if token_embedder is not None else None
+    factories: dict[str, Callable[[], Check | None]] = {
         "negation": NegationCheck,
+        "question": QuestionTypeCheck,
         "numbers": NumberDateCheck,
         "entities": EntityCheck,
-        "scope": ScopeCheck,
+        "scope": lambda: ScopeCheck(tokens, scope_min_alignment),
+        "substitution": SubstitutionCheck,
+        "content": lambda: ContentAlignmentCheck(tokens, content_min_score) if tokens else None,
     }
     checks: list[Check] = []
     for name in names:
-        if name == "content":
-            if token_embedder is not None:
-                checks.append(ContentAlignmentCheck(token_embedder, content_min_score))
-        elif name in available:
-            checks.append(available[name]())
-        else:
-            raise ValueError(f"unknown verification check {name!r}; known: {[*available, 'content']}")
+        if name not in factories:
+            raise ConfigError(f"unknown verification check {name!r}; known: {list(factories)}")
+        check = factories[name]()
+        if check is not None:
+            checks.append(check)
     return checks
