@@ -42,3 +42,11 @@ def make_llm(runner, tmp_path: Path):
     yield make
     for llm in made:
         llm.close()
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The real MiniLM sentence embedder of the semantic cache, loaded once."""
+    from kvcellar.semantic.embed import Embedder
+
+    return Embedder()

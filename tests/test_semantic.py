@@ -20,11 +20,6 @@ from kvcellar.semantic.index import IndexSet, VectorIndex
 DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "semantic"
 
 
-@pytest.fixture(scope="session")
-def embedder() -> Embedder:
-    return Embedder()
-
-
 @pytest.fixture
 def make_cache(embedder, tmp_path):
     caches = []

@@ -4,7 +4,6 @@ caches see one another's entries, corruption is a miss, and a dead Redis means m
 from __future__ import annotations
 
 import pytest
-from test_semantic import embedder  # noqa: F401  (session fixture: the model loads once)
 
 from kvcellar import SemanticCache
 from kvcellar.semantic.redis_store import RedisStore
@@ -34,12 +33,12 @@ def url(request):
     return request.getfixturevalue(request.param).url
 
 
-def _cache(embedder, url, prefix, **kw) -> SemanticCache:  # noqa: F811
+def _cache(embedder, url, prefix, **kw) -> SemanticCache:
     return SemanticCache(embedder=embedder, redis_url=url, redis_prefix=prefix,
                          sync_interval_s=0, **kw)
 
 
-def test_two_servers_share_one_semantic_cache(embedder, url, request):  # noqa: F811
+def test_two_servers_share_one_semantic_cache(embedder, url, request):
     prefix = f"t-share-{request.node.callspec.id}"
     a, b = _cache(embedder, url, prefix), _cache(embedder, url, prefix)
     try:
@@ -65,7 +64,7 @@ def test_two_servers_share_one_semantic_cache(embedder, url, request):  # noqa: 
         b.close()
 
 
-def test_corrupt_redis_entry_is_a_miss_and_deleted(embedder, single):  # noqa: F811
+def test_corrupt_redis_entry_is_a_miss_and_deleted(embedder, single):
     sc = _cache(embedder, single.url, "t-corrupt")
     try:
         eid = sc.store("Where is the Eiffel Tower?", "In Paris.", tenant="t")
@@ -78,7 +77,7 @@ def test_corrupt_redis_entry_is_a_miss_and_deleted(embedder, single):  # noqa: F
         sc.close()
 
 
-def test_quota_and_ttl_on_redis(embedder, single, monkeypatch):  # noqa: F811
+def test_quota_and_ttl_on_redis(embedder, single, monkeypatch):
     import kvcellar.semantic.cache as cache_mod
 
     now = [2_000_000.0]
@@ -102,7 +101,7 @@ def test_quota_and_ttl_on_redis(embedder, single, monkeypatch):  # noqa: F811
         sc.close()
 
 
-def test_dead_redis_means_misses_then_recovers(embedder, tmp_path):  # noqa: F811
+def test_dead_redis_means_misses_then_recovers(embedder, tmp_path):
     port = free_port()
     sc = SemanticCache(embedder=embedder, redis_url=f"redis://127.0.0.1:{port}/0",
                        redis_prefix="t-dead", sync_interval_s=0)

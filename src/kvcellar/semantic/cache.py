@@ -360,9 +360,7 @@ class SemanticCache:
             if not roles_match or float(turn_sims.min()) < self.settings.context_threshold:
                 decision.reason = f"context differs (turn similarity {float(turn_sims.min()):.3f})"
                 return self._reject(decision, "context")
-        verdict = self.gate.verify(
-            conv.query, entry.query, [_context_text(t) for t in window],
-            [_context_text(t) for t in entry.context])
+        verdict = self.gate.verify(conv.query, entry.query, window, entry.context)
         if not verdict.ok:
             decision.reason = f"gate: {verdict.reason}"
             return self._reject(decision, f"gate:{verdict.check}")
