@@ -50,3 +50,23 @@ def embedder():
     from kvcellar.semantic.embed import Embedder
 
     return Embedder()
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """A fresh redis-server on a free port, for one test module."""
+    from kvcellar.storage.redis_local import start_redis
+
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A fresh 3-master Redis Cluster, for one test module."""
+    from kvcellar.storage.redis_local import start_cluster
+
+    c = start_cluster(tmp_path_factory.mktemp("cluster"))
+    yield c
+    c.stop()

@@ -23,7 +23,6 @@ from kvcellar.storage.redis import PREFIX, RedisBackend
 from kvcellar.storage.redis_local import (
     free_port,
     redis_available,
-    start_cluster,
     start_redis,
 )
 from kvcellar.storage.tiered import TieredStore
@@ -33,20 +32,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 CHUNK = 64
-
-
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = start_cluster(tmp_path_factory.mktemp("cluster"))
-    yield c
-    c.stop()
 
 
 @pytest.fixture(params=["single", "cluster"])

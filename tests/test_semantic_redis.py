@@ -7,25 +7,11 @@ import pytest
 
 from kvcellar import SemanticCache
 from kvcellar.semantic.redis_store import RedisStore
-from kvcellar.storage.redis_local import free_port, redis_available, start_cluster, start_redis
+from kvcellar.storage.redis_local import free_port, redis_available, start_redis
 
 pytestmark = pytest.mark.skipif(
     not redis_available(), reason="redis-server is not installed (.ci/run installs it)"
 )
-
-
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    server = start_redis(tmp_path_factory.mktemp("sem-redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = start_cluster(tmp_path_factory.mktemp("sem-cluster"))
-    yield c
-    c.stop()
 
 
 @pytest.fixture(params=["single", "cluster"])

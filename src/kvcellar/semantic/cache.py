@@ -266,6 +266,12 @@ class SemanticCache:
                 best, best_sim = name, sim
         return best
 
+    def _lowest_threshold(self) -> float:
+        s = self.settings
+        if s.learned.enabled:
+            return s.learned.floor
+        return min([self.threshold(None)] + [self.threshold(c.name) for c in s.categories])
+
     def set_load(self, queue_depth: int) -> None:
         """Server queue depth: under load thresholds relax, within each category's bounds."""
         self._load = max(0, int(queue_depth))
@@ -322,7 +328,17 @@ class SemanticCache:
             if cat_cfg is not None and not cat_cfg.enabled:
                 return self._miss(Decision(None, category, reason="category disabled"))
         best = Decision(None, category, reason="no candidate")
-        for label, _ in self.indexes.search(ins, index_vec, self.settings.candidates):
+        # In a namespace without context the index holds the query vector itself, so the ANN
+        # similarity is the one thresholds apply to: candidates below every threshold that
+        # could apply are never fetched (most lookups at scale are misses).
+        floor = self._lowest_threshold() if ins.endswith(":q") else -1.0
+        for label, ann_sim in self.indexes.search(ins, index_vec, self.settings.candidates):
+            if ann_sim < floor - 1e-4:
+                if best.similarity is None:
+                    best = Decision(None, category, ann_sim, label,
+                                    f"similarity {ann_sim:.3f} below threshold {floor:.3f}")
+                self._reject(best, "threshold")
+                break
             entry = self.backend.get(label)
             if entry is None or entry.namespace != ins:
                 self.indexes.remove(ins, label)  # deleted elsewhere, or corrupt
