@@ -14,6 +14,7 @@ import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
@@ -110,13 +111,14 @@ _CALENDAR_SYNONYMS = {"12pm": "noon", "12am": "midnight", "jan": "january",
 _MERIDIEM = re.compile(r"\d\s*([ap])\.?m\b", re.I)
 
 
-def _calendar(text: str) -> set[str]:
+@lru_cache(maxsize=16384)
+def _calendar(text: str) -> frozenset[str]:
     found = {f"{m.lower()}m" for m in _MERIDIEM.findall(text)}
     for w in words(text):
         w = _CALENDAR_SYNONYMS.get(w, w)
         if w in _CALENDAR:
             found.add(w)
-    return found
+    return frozenset(found)
 STOPWORDS = frozenset(
     "a an the and or but if then so of to in on at by for from with about into over under up "
     "down out as is are was were be been being am do does did doing have has had having i me my "
@@ -129,6 +131,7 @@ STOPWORDS = frozenset(
 )
 
 
+@lru_cache(maxsize=16384)
 def _stem(word: str) -> str:
     """Crude suffix stripping: enough to pair inflections of the words in the tables above."""
     w = word.lower()
@@ -145,8 +148,9 @@ for _a, _b in _ANTONYM_PAIRS:
     _ANTONYMS.setdefault(_stem(_b), set()).add(_stem(_a))
 
 
-def words(text: str) -> list[str]:
-    return [w.lower().strip("'") for w in _WORD.findall(text.replace("\u2019", "'"))]
+@lru_cache(maxsize=16384)
+def words(text: str) -> tuple[str, ...]:
+    return tuple(w.lower().strip("'") for w in _WORD.findall(text.replace("\u2019", "'")))
 
 
 class Check(Protocol):
@@ -157,9 +161,10 @@ class Check(Protocol):
     def __call__(self, query: str, candidate: str) -> str | None: ...
 
 
-def content_stems(text: str) -> set[str]:
-    return {_stem(w.removeprefix("non-")) for w in words(text)
-            if w not in STOPWORDS and w not in NEGATIONS and not w.endswith("n't")}
+@lru_cache(maxsize=16384)
+def content_stems(text: str) -> frozenset[str]:
+    return frozenset({_stem(w.removeprefix("non-")) for w in words(text)
+            if w not in STOPWORDS and w not in NEGATIONS and not w.endswith("n't")})
 
 
 def overlap(a: str, b: str) -> float:
@@ -194,7 +199,8 @@ class NegationCheck:
         return None
 
 
-def _numbers(text: str) -> Counter:
+@lru_cache(maxsize=16384)
+def _numbers(text: str) -> tuple[tuple[str, int], ...]:
     values: Counter = Counter()
     for raw in _NUMBER.findall(text):
         # thousands separators: "3,000" is 3000, "3,5" stays as written
@@ -206,14 +212,15 @@ def _numbers(text: str) -> Counter:
                 values[_NUMBER_WORDS[part]] += 1
     for ignored in _IGNORED_NUMBERS:
         values.pop(ignored, None)
-    return values
+    return tuple(sorted(values.items()))
 
 
 _QUANTIFIERS = {"a", "an", "per", "each", "every", "one"}
 _RATES = {"daily", "weekly", "monthly", "yearly", "annual", "annually", "hourly"}  # "per day"
 
 
-def _units(text: str) -> tuple[set[str], set[str]]:
+@lru_cache(maxsize=16384)
+def _units(text: str) -> tuple[frozenset[str], frozenset[str]]:
     """(units attached to a quantity, every unit mentioned). "3 days", "5km", "two-hour",
     "per hour" and "a day" are quantified; a bare "how many days" names the unit of the
     answer, which a paraphrase may leave implicit ("how long")."""
@@ -238,7 +245,7 @@ def _units(text: str) -> tuple[set[str], set[str]]:
             quantified |= found
         previous_is_number = (w.replace(".", "").isdigit() or w in _NUMBER_WORDS
                               or w in _QUANTIFIERS)
-    return quantified, mentioned
+    return frozenset(quantified), frozenset(mentioned)
 
 
 _WHEN = re.compile(r"\b(?:what|which) (?:year|date|time|day|month|century)\b")
@@ -249,7 +256,8 @@ _HOW_LONG = re.compile(r"\bhow (?:long|many (?:seconds|minutes|hours|days|weeks|
 _CLAUSE_WH = re.compile(r"(?:^|[.,;:!?]\s*)(who|when|where|why)\b")
 
 
-def _question_types(text: str) -> set[str]:
+@lru_cache(maxsize=16384)
+def _question_types(text: str) -> frozenset[str]:
     """Question words that open a clause ("declined when I paid" asks nothing about time)."""
     lowered = text.lower().strip()
     found = set(_CLAUSE_WH.findall(lowered))
@@ -259,7 +267,7 @@ def _question_types(text: str) -> set[str]:
         found.add("how long")
     else:
         found |= {f"how {m}" for m in _HOW.findall(lowered)}
-    return found
+    return frozenset(found)
 
 
 class QuestionTypeCheck:
@@ -297,7 +305,8 @@ class NumberDateCheck:
 _URLISH = re.compile(r"\S+@\S+|https?://\S+|www\.\S+|\b[\w-]+\.(?:com|org|net|io|dev|xyz|ru|cn)\b", re.I)
 
 
-def _strong_entities(text: str) -> set[str]:
+@lru_cache(maxsize=16384)
+def _strong_entities(text: str) -> frozenset[str]:
     """Names a reader would call entities: mid-sentence capitals, acronyms, alnum, URLs."""
     found = {m.lower().rstrip(".,") for m in _URLISH.findall(text)}
     sentence_start = True
@@ -313,7 +322,7 @@ def _strong_entities(text: str) -> set[str]:
             if is_mixed or is_acronym or is_inner_cap or is_symbolic or is_name:
                 found.add(clean.lower())
         sentence_start = raw.endswith((".", "?", "!", ":")) or (sentence_start and not token)
-    return found
+    return frozenset(found)
 
 
 class EntityCheck:
@@ -415,14 +424,15 @@ _QUOTES = "\"\u201c\u201d\u2018\u2019'"
 _QUOTED = re.compile(f"[{_QUOTES}]([^{_QUOTES}]{{1,80}})[{_QUOTES}]")
 
 
-def _quoted(text: str) -> set[str]:
+@lru_cache(maxsize=16384)
+def _quoted(text: str) -> frozenset[str]:
     # apostrophes inside words ("don't") are not quotes: require a non-letter before the opener
     spans = set()
     for m in _QUOTED.finditer(text):
         before = text[m.start() - 1] if m.start() else " "
         if not before.isalnum():
             spans.add(normalize_quote(m.group(1)))
-    return spans
+    return frozenset(spans)
 
 
 def normalize_quote(span: str) -> str:
