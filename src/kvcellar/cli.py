@@ -81,6 +81,10 @@ def chat(
     compare: Annotated[bool, typer.Option(help="also time each turn without the cache")] = True,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="run the plain model")] = False,
     max_tokens: Annotated[int, typer.Option(help="tokens to generate per turn")] = 48,
+    semantic: Annotated[
+        bool, typer.Option(help="after the scripted chat, a new user asks similar questions "
+                           "through the semantic cache")
+    ] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """A multi-turn chat that shows, per turn, how much of the prompt came from the cache."""
@@ -133,6 +137,7 @@ def chat(
     ):
         table.add_column(col, justify="right")
     turn = 0
+    answered: list[tuple[str, str]] = []
     script = iter(QUESTIONS)
     while True:
         if interactive:
@@ -183,8 +188,49 @@ def chat(
             speed,
         )
         messages.append({"role": "assistant", "content": out.text})
+        answered.append((question, out.text))
     console.print(table)
+    if semantic and not interactive and answered:
+        _semantic_demo(llm, answered, max_tokens)
     llm.close()
+
+
+def _semantic_demo(llm: Any, answered: list[tuple[str, str]], max_tokens: int) -> None:
+    """The chat's answers go into a semantic cache; a new user's rewordings are answered from
+    it without the model, and look-alike questions that ask something else are not."""
+    import time
+
+    from kvcellar.demo_script import SEMANTIC_QUESTIONS, SYSTEM_PROMPT
+    from kvcellar.semantic.cache import SemanticCache
+
+    with console.status("loading the embedding model (all-MiniLM-L6-v2)"):
+        cache = SemanticCache(path=":memory:")
+    system = {"role": "system", "content": SYSTEM_PROMPT}
+    for question, answer in answered:
+        cache.store([system, {"role": "user", "content": question}], answer, tenant="demo")
+    console.print("\n[bold]semantic cache[/bold]: the answers above are cached; a new user asks")
+    table = Table(title="semantic cache: similar questions from a new conversation")
+    for col in ("question", "answered by", "similarity", "why", "time"):
+        table.add_column(col)
+    for question in SEMANTIC_QUESTIONS:
+        msgs = [system, {"role": "user", "content": question}]
+        console.print(f"[bold cyan]user>[/bold cyan] {question}")
+        t0 = time.perf_counter()
+        decision = cache.lookup_detailed(msgs, tenant="demo")
+        lookup_s = time.perf_counter() - t0
+        sim = f"{decision.similarity:.2f}" if decision.similarity is not None else "-"
+        if decision.hit is not None:
+            console.print(f"[bold green]cache>[/bold green] {decision.hit.response.strip()}")
+            table.add_row(question, f"cache ({decision.hit.kind})", sim, "same question",
+                          f"{lookup_s * 1000:.0f} ms")
+            continue
+        out = llm.generate(msgs, max_tokens=max_tokens)
+        cache.store(msgs, out.text, tenant="demo")
+        console.print(f"[bold green]model>[/bold green] {out.text.strip()}")
+        table.add_row(question, "model", sim, decision.reason,
+                      f"{(lookup_s + out.total_s) * 1000:.0f} ms")
+    console.print(table)
+    cache.close()
 
 
 @app.command()

@@ -35,3 +35,15 @@ QUESTIONS = [
     "When can visitors climb the tower, and how many at a time?",
     "Summarise the weekly checks in one sentence.",
 ]
+
+# Asked after the chat, as a new user in a new conversation: the semantic cache should answer the
+# rewordings from the chat's answers and refuse the two that only look alike (another number,
+# the warning lifted instead of issued).
+SEMANTIC_QUESTIONS = [
+    "How frequently does the light flash, and how far away can it be seen?",
+    "What should I do if only 37 emitters light up in the weekly test?",
+    "What do I do if only 41 emitters light up during the weekly test?",
+    "When are visitors allowed to climb the tower, and how many at once?",
+    "A gale warning was just lifted. What are my duties?",
+    "Summarise the weekly checks in a single sentence.",
+]

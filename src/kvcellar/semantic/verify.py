@@ -251,7 +251,7 @@ def _units(text: str) -> tuple[frozenset[str], frozenset[str]]:
 _WHEN = re.compile(r"\b(?:what|which) (?:year|date|time|day|month|century)\b")
 
 
-_HOW = re.compile(r"\bhow (much|many|long|far|old|often|big|tall)\b")
+_HOW = re.compile(r"\bhow (much|many|long|far|old|often|frequently|big|tall)\b")
 _HOW_LONG = re.compile(r"\bhow (?:long|many (?:seconds|minutes|hours|days|weeks|months|years)|much time)\b")
 _CLAUSE_WH = re.compile(r"(?:^|[.,;:!?]\s*)(who|when|where|why)\b")
 
@@ -266,7 +266,7 @@ def _question_types(text: str) -> frozenset[str]:
     if _HOW_LONG.search(lowered):
         found.add("how long")
     else:
-        found |= {f"how {m}" for m in _HOW.findall(lowered)}
+        found |= {f"how {'often' if m == 'frequently' else m}" for m in _HOW.findall(lowered)}
     return frozenset(found)
 
 
