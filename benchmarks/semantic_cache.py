@@ -66,7 +66,9 @@ SYSTEMS: dict[str, dict] = {
     "kvcellar no gate": {"checks": []},
     "kvcellar last-message only": {"context_window": 0},
     "GPTCache-style": {"context_window": 0, "checks": [], "threshold": 0.8},
+    "kvcellar + SmolLM2 judge": {"judge": True},
 }
+_JUDGE: list = []  # the model, loaded once when a system asks for the judge
 TARGET_SERVED, TARGET_WRONG, TARGET_P50_MS = 0.80, 0.02, 1.0
 
 
@@ -119,7 +121,14 @@ class PrecomputedEmbedder:
 
 
 def make_cache(emb, path: str = ":memory:", **overrides) -> SemanticCache:
-    return SemanticCache(embedder=emb, path=path, **(NO_LIMITS | overrides))
+    runner = None
+    if overrides.get("judge"):
+        if not _JUDGE:
+            from kvcellar import load_model
+
+            _JUDGE.append(load_model())
+        runner = _JUDGE[0]
+    return SemanticCache(embedder=emb, path=path, judge_runner=runner, **(NO_LIMITS | overrides))
 
 
 def _pct(x: int, n: int) -> float:
@@ -213,9 +222,10 @@ def eval_multiturn(cache: SemanticCache, items: list[dict], tenant: str = "eval"
             "wrong_on_same_context": _pct(wrong_same, same)}
 
 
-def accuracy(emb: PrecomputedEmbedder, pairs: list[dict], multiturn: list[dict]) -> dict:
+def accuracy(emb: PrecomputedEmbedder, pairs: list[dict], multiturn: list[dict],
+             systems: dict[str, dict]) -> dict:
     out = {}
-    for name, overrides in SYSTEMS.items():
+    for name, overrides in systems.items():
         t0 = time.perf_counter()
         with make_cache(emb, **overrides) as cache:
             res = eval_pairs(cache, pairs)
@@ -228,18 +238,22 @@ def accuracy(emb: PrecomputedEmbedder, pairs: list[dict], multiturn: list[dict])
 
 
 def load_adaptive(emb: PrecomputedEmbedder, pairs: list[dict], multiturn: list[dict]) -> dict:
+    """Load 0 vs full load (thresholds relaxed by load_relax_max), with and without the gate:
+    with the gate the checks, not the threshold, decide most lookups."""
     out = {}
-    for label in ("load 0", "full load"):
-        with make_cache(emb, load_relax_max=0.05) as cache:
-            if label == "full load":
-                cache.set_load(cache.settings.load_full_depth)
-            res = eval_pairs(cache, pairs)
-            res["threshold"] = cache.threshold(None)
-        with make_cache(emb, load_relax_max=0.05) as cache:
-            if label == "full load":
-                cache.set_load(cache.settings.load_full_depth)
-            res["multiturn"] = eval_multiturn(cache, multiturn)
-        out[label] = res
+    for system, extra in (("kvcellar", {}), ("kvcellar no gate", {"checks": []})):
+        for label in ("load 0", "full load"):
+            res: dict = {}
+            for part in ("pairs", "multiturn"):
+                with make_cache(emb, load_relax_max=0.05, **extra) as cache:
+                    if label == "full load":
+                        cache.set_load(cache.settings.load_full_depth)
+                    if part == "pairs":
+                        res = eval_pairs(cache, pairs)
+                        res["threshold"] = cache.threshold(None)
+                    else:
+                        res["multiturn"] = eval_multiturn(cache, multiturn)
+            out[f"{system}, {label}"] = res
     return out
 
 
@@ -489,13 +503,15 @@ def run(args: argparse.Namespace) -> dict:
     emb.prewarm(texts)
     console.print(f"embedded {len(set(texts))} texts in {time.perf_counter() - t0:.1f} s")
     res: dict = {"baselines": notes}
-    res["accuracy"] = accuracy(emb, pairs, multiturn)
+    # the judge costs a prefill per judged candidate: full runs only
+    systems = {k: v for k, v in SYSTEMS.items() if not (args.quick and v.get("judge"))}
+    res["accuracy"] = accuracy(emb, pairs, multiturn, systems)
     if (DATA / "holdout_pairs.jsonl").exists():
         # written separately, never used to choose thresholds or checks: the honest numbers
         h_pairs, h_multi = _load("holdout_pairs.jsonl"), _load("holdout_multiturn.jsonl")
         emb.prewarm([p[k] for p in h_pairs for k in ("a", "b")] + [
             t for it in h_multi for t in (*it["context_a"], *it["context_b"], it["query"])])
-        res["holdout"] = accuracy(emb, h_pairs, h_multi)
+        res["holdout"] = accuracy(emb, h_pairs, h_multi, systems)
     res["load_adaptive"] = load_adaptive(emb, pairs, multiturn)
     pool = list(dict.fromkeys(texts + [q["question"] for q in qa] +
                               [c["query"] for q in qa for c in q["cached"]]))

@@ -322,3 +322,24 @@ def test_vector_index_grows_removes_and_rebuilds():
     assert indexes.rebuild(iter(rows)) == 60
     assert len(indexes.get("a")) == 50 and indexes.search("b", vecs[55], 1)[0][0] == 1005
     assert indexes.search("missing", vecs[0], 3) == []
+
+
+@pytest.mark.slow
+def test_served_model_as_judge_plugs_into_the_gate(embedder, runner, tmp_path):
+    from kvcellar.semantic.judge import LLMJudgeCheck
+
+    judge = LLMJudgeCheck(runner)
+    same = judge.probability_same("What is the capital of France?", "What is the capital of France?")
+    unrelated = judge.probability_same("What is the capital of France?",
+                                       "How do I bake sourdough bread at home?")
+    assert 0.0 < unrelated < same < 1.0
+    with pytest.raises(KvcellarError, match="judge_runner"):
+        SemanticCache(embedder=embedder, path=":memory:", judge=True)
+    sc = SemanticCache(embedder=embedder, path=":memory:", judge=True, judge_min_yes=0.99,
+                       judge_runner=runner)
+    assert sc.gate.checks[-1].name == "judge"
+    sc.store("How do I reset my password?", "Use the reset link.", tenant="t")
+    decision = sc.lookup_detailed("How do I recover my password?", tenant="t")
+    assert decision.hit is None and "judge" in decision.reason  # everything else let it through
+    assert sc.lookup("How do I reset my password?", tenant="t").kind == "exact"  # never judged
+    sc.close()

@@ -160,6 +160,7 @@ class SemanticCache:
         embedder: Embedder | None = None,
         store: ResponseStore | None = None,
         gate: VerificationGate | None = None,
+        judge_runner: Any = None,
         model: str = "default",
         **overrides: Any,
     ) -> None:
@@ -179,9 +180,18 @@ class SemanticCache:
                 store = SqliteStore(settings.path if settings.path == ":memory:"
                                     else Path(settings.path).expanduser())
         self.backend = store
-        self.gate = gate or VerificationGate(default_checks(
-            self.embedder.token_embeddings, settings.checks, settings.content_min_score,
-            settings.scope_min_alignment))
+        if gate is None:
+            checks = default_checks(self.embedder.token_embeddings, settings.checks,
+                                    settings.content_min_score, settings.scope_min_alignment)
+            if settings.judge:
+                if judge_runner is None:
+                    raise KvcellarError("judge: true needs the model: pass judge_runner= (the "
+                                        "server passes its own model)")
+                from kvcellar.semantic.judge import LLMJudgeCheck
+
+                checks.append(LLMJudgeCheck(judge_runner, settings.judge_min_yes))
+            gate = VerificationGate(checks)
+        self.gate = gate
         self.indexes = IndexSet(
             self.embedder.dim, m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction,
             ef_search=settings.hnsw_ef_search)

@@ -170,7 +170,7 @@ class _State:
             model_queue_depth=llm.runner.lock.waiting,
         )
         self.semantic = (
-            SemanticLayer(settings, self.model_name, self.metrics.registry)
+            SemanticLayer(settings, self.model_name, self.metrics.registry, llm.runner)
             if settings.semantic_cache else None
         )
 

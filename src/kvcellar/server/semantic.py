@@ -46,7 +46,7 @@ class SemanticRequest:
 
 
 class SemanticLayer:
-    def __init__(self, settings: Settings, model_name: str, registry) -> None:
+    def __init__(self, settings: Settings, model_name: str, registry, runner: Any = None) -> None:
         if settings.semantic_config is not None:
             cfg = SemanticSettings.from_yaml(settings.semantic_config)
         else:
@@ -55,7 +55,7 @@ class SemanticLayer:
             cfg = cfg.model_copy(update={"path": settings.semantic_path})
         elif "path" not in cfg.model_fields_set:
             cfg = cfg.model_copy(update={"path": str(settings.model_cache_dir / "semantic.sqlite")})
-        self.cache = SemanticCache(cfg, model=model_name)
+        self.cache = SemanticCache(cfg, model=model_name, judge_runner=runner)
         self.lookups = Counter(
             "kvcellar_semantic_lookups", "semantic cache lookups by result (exact, semantic, "
             "miss, bypass, error)", ["result"], registry=registry)
