@@ -597,3 +597,11 @@ def test_admission_counts_waiters_and_refuses_beyond_the_queue():
         assert adm.running == 0
 
     asyncio.run(scenario())
+
+
+def test_semantic_endpoints_say_when_the_semantic_cache_is_off(open_server):
+    r = open_server.post("/cache/semantic/clear")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "semantic_cache_disabled"
+    chat = open_server.post("/v1/chat/completions", {
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+    assert chat.status_code == 200 and "x-kvcellar-cache" not in chat.headers

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_server import ALICE, BOB, MODEL, Server, _serve
+from test_server import ADMIN, ALICE, BOB, MODEL, Server, _serve
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 def server(tmp_path_factory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("semantic-server")
     with _serve(
-        tmp, model=MODEL, chunk_size=64, api_keys={"key-a": "alice", "key-b": "bob"},
+        tmp, model=MODEL, chunk_size=64,
+        api_keys={"key-a": "alice", "key-b": "bob", "key-admin": "admin"}, admin_keys=["key-admin"],
         semantic_cache=True, semantic_path=str(tmp / "semantic.sqlite"),
     ) as s:
         yield s
@@ -100,3 +101,29 @@ def test_semantic_metrics(server):
     assert samples[("kvcellar_semantic_lookups_total", "exact")] >= 1
     assert samples[("kvcellar_semantic_lookups_total", "miss")] >= 1
     assert samples[("kvcellar_semantic_stores_total", None)] >= 1
+
+
+def test_feedback_clear_and_stats_endpoints(server):
+    question = "What is the tallest mountain in Africa?"
+    _chat(server, question)
+    hit = _chat(server, question)
+    entry = int(hit.headers["x-kvcellar-cache-entry"])
+    # another tenant can neither see nor rate alice's entry
+    assert server.post("/cache/semantic/feedback", {"entry_id": entry, "correct": False},
+                       BOB).status_code == 404
+    bad = server.post("/cache/semantic/feedback", {"entry_id": entry, "correct": "maybe"}, ALICE)
+    assert bad.status_code == 422
+    ok = server.post("/cache/semantic/feedback", {"entry_id": entry, "correct": False}, ALICE)
+    assert ok.status_code == 200 and ok.json()["recorded"] is True
+    assert _chat(server, question).headers["x-kvcellar-cache"] == "miss"  # a wrong exact hit goes
+    assert server.get("/cache/semantic/stats", ALICE).json()["entries"] >= 1
+    assert "all_tenants" not in server.get("/cache/semantic/stats", ALICE).json()
+    assert server.get("/cache/semantic/stats", ADMIN).json()["all_tenants"]["lookups"] > 0
+    assert server.post("/cache/semantic/clear", {"tenant": "bob"}, ALICE).status_code == 403
+    _chat(server, "Name a river in Egypt.", BOB)
+    cleared = server.post("/cache/semantic/clear", None, ALICE).json()
+    assert cleared["tenant"] == "alice" and cleared["deleted_entries"] >= 1
+    assert server.get("/cache/semantic/stats", ALICE).json()["entries"] == 0
+    assert server.get("/cache/semantic/stats", BOB).json()["entries"] >= 1  # bob's are kept
+    assert server.post("/cache/semantic/clear", {"tenant": "bob"}, ADMIN).json()[
+        "deleted_entries"] >= 1

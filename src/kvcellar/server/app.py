@@ -87,6 +87,8 @@ from kvcellar.server.schemas import (
     PinResponse,
     PromptBody,
     PromptTokensDetails,
+    SemanticClearBody,
+    SemanticFeedbackBody,
     UnpinResponse,
     Usage,
 )
@@ -952,6 +954,47 @@ def create_app(llm: LLM, settings: Settings) -> FastAPI:
         tenant = request.state.caller.tenant
         stats = await run_in_threadpool(_engine(state, tenant).stats)
         return {"tenant": tenant, **stats}
+
+    # --- semantic cache controller ---
+    def _semantic() -> SemanticLayer:
+        if state.semantic is None:
+            raise APIError(409, "the semantic cache is off on this server (semantic_cache: "
+                           "false)", code="semantic_cache_disabled")
+        return state.semantic
+
+    @app.post("/cache/semantic/feedback")
+    async def semantic_feedback(body: SemanticFeedbackBody, request: Request) -> dict[str, Any]:
+        layer = _semantic()
+        caller: Caller = request.state.caller
+        owner = await layer.tenant_of(body.entry_id)
+        if owner is None or (owner != caller.tenant and not caller.admin):
+            # another tenant's entry is as absent as a deleted one
+            raise APIError(404, f"no semantic cache entry {body.entry_id}", param="entry_id",
+                           code="entry_not_found")
+        await run_in_threadpool(layer.cache.feedback, body.entry_id, body.correct)
+        return {"entry_id": body.entry_id, "recorded": True}
+
+    @app.post("/cache/semantic/clear")
+    async def semantic_clear(request: Request,
+                             body: SemanticClearBody | None = None) -> dict[str, Any]:
+        layer = _semantic()
+        caller: Caller = request.state.caller
+        target = (body.tenant if body and body.tenant is not None else caller.tenant)
+        if target != caller.tenant and not caller.admin:
+            raise APIError(403, f"tenant {caller.tenant!r} may not clear tenant {target!r}'s "
+                           "semantic cache", param="tenant", code="forbidden_tenant")
+        n = await run_in_threadpool(layer.cache.clear, target)
+        return {"tenant": target, "deleted_entries": n}
+
+    @app.get("/cache/semantic/stats")
+    async def semantic_stats(request: Request) -> dict[str, Any]:
+        layer = _semantic()
+        caller: Caller = request.state.caller
+        entries = await run_in_threadpool(layer.cache.backend.count, caller.tenant)
+        out: dict[str, Any] = {"tenant": caller.tenant, "entries": entries}
+        if caller.admin:  # counters are over all tenants
+            out["all_tenants"] = await run_in_threadpool(layer.cache.stats)
+        return out
 
     route_paths.update(getattr(r, "path", "") for r in app.routes)
     return app

@@ -103,6 +103,19 @@ class ClearBody(_Request):
     all: bool = False
 
 
+class SemanticFeedbackBody(_Request):
+    """Was the answer served from the semantic cache (header ``x-kvcellar-cache-entry``) right?"""
+
+    model_config = ConfigDict(extra="forbid")
+    entry_id: int
+    correct: bool
+
+
+class SemanticClearBody(_Request):
+    model_config = ConfigDict(extra="forbid")
+    tenant: str | None = None
+
+
 # --- responses --------------------------------------------------------------------------------
 
 

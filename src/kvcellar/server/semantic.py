@@ -100,5 +100,9 @@ class SemanticLayer:
         if stored is not None:
             self.stores.inc()
 
+    async def tenant_of(self, entry_id: int) -> str | None:
+        entry = await run_in_threadpool(self.cache.backend.get, entry_id)
+        return entry.tenant if entry is not None else None
+
     def close(self) -> None:
         self.cache.close()
