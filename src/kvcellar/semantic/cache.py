@@ -518,18 +518,12 @@ class SemanticCache:
             over = self.backend.count(tenant) - cap + 1
             self._evict(self.backend.lru(tenant, None, over), "tenant_cap")
 
-    def _evict(self, ids: list[int], reason: str) -> None:
-        if not ids:
-            return
-        namespaces = {i: self.backend.namespace_of(i) for i in ids}
-        self.backend.delete(ids)
-        for eid, ns in namespaces.items():
-            if ns is not None:
-                self.indexes.remove(ns, eid)
-            else:
-                for name in self.indexes.namespaces():
-                    self.indexes.remove(name, eid)
-        self._stats.counters[f"evicted_{reason}"] += len(ids)
+    def _evict(self, ids: list[int], reason: str) -> dict[int, str]:
+        removed = self.backend.delete(ids) if ids else {}
+        for eid, ns in removed.items():
+            self.indexes.remove(ns, eid)
+        self._stats.counters[f"evicted_{reason}"] += len(removed)
+        return removed
 
     def purge_expired(self) -> int:
         ids = self.backend.expired(time.time())
@@ -556,10 +550,7 @@ class SemanticCache:
         self.backend.update_feedback(entry_id, min_sim, observations)
 
     def delete(self, entry_id: int) -> bool:
-        if self.backend.namespace_of(entry_id) is None:
-            return False
-        self._evict([entry_id], "deleted")
-        return True
+        return bool(self._evict([entry_id], "deleted"))
 
     def clear(self, tenant: str | None = None) -> int:
         """Remove every entry of one tenant (or all); returns how many."""
@@ -584,8 +575,7 @@ class SemanticCache:
             self._cursor = cursor
             for op, eid in events:
                 if op == "del":
-                    for name in self.indexes.namespaces():
-                        self.indexes.remove(name, eid)
+                    self.indexes.discard(eid)
                 else:
                     entry = self.backend.get(eid)
                     if entry is not None:

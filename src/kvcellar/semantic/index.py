@@ -36,9 +36,6 @@ class VectorIndex:
     def __len__(self) -> int:
         return len(self._labels)
 
-    def __contains__(self, label: int) -> bool:
-        return label in self._labels
-
     def add(self, labels: Iterable[int], vectors: np.ndarray) -> None:
         labels = np.asarray(list(labels), dtype=np.uint64)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(labels), self.dim)
@@ -111,9 +108,12 @@ class IndexSet:
         index = self.get(namespace)
         return index.search(vector, k) if index is not None else []
 
-    def drop(self, namespace: str) -> None:
+    def discard(self, label: int) -> None:
+        """Remove `label` wherever it is (a deletion seen in the change log names no index)."""
         with self._lock:
-            self._indexes.pop(namespace, None)
+            indexes = list(self._indexes.values())
+        for index in indexes:
+            index.remove(label)
 
     def clear(self) -> None:
         with self._lock:

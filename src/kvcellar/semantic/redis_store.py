@@ -143,28 +143,30 @@ class RedisStore:
         eid = self._call(self._r.get, self._exact(namespace, exact_key))
         return self.get(int(eid)) if eid is not None else None
 
-    def delete(self, entry_ids: Iterable[int]) -> int:
+    def delete(self, entry_ids: Iterable[int]) -> dict[int, str]:
+        """Removes the entries; returns id -> index namespace of those that were there."""
         ids = [int(i) for i in entry_ids]
         if not ids:
-            return 0
+            return {}
         pipe = self._r.pipeline(transaction=False)
         for eid in ids:
             pipe.hmget(self._entry(eid), "namespace", "exact_key", "tenant", "category")
         heads = self._call(pipe.execute)
         pipe = self._r.pipeline(transaction=False)
-        removed = 0
+        removed: dict[int, str] = {}
         pointers: list[tuple[str, int]] = []
         for eid, (ns, exact_key, tenant, category) in zip(ids, heads, strict=True):
             pipe.delete(self._entry(eid))
             pipe.zrem(self._expiry, eid)
             if tenant is not None:
-                removed += 1
                 tenant_s = tenant.decode()
                 pipe.zrem(self._tenant(tenant_s), eid)
                 pipe.zrem(self._category(tenant_s, category.decode() or None if category else None),
                           eid)
-                if ns is not None and exact_key is not None:
-                    pointers.append((self._exact(ns.decode(), exact_key.decode()), eid))
+            if ns is not None:
+                removed[eid] = ns.decode()
+                if exact_key is not None:
+                    pointers.append((self._exact(removed[eid], exact_key.decode()), eid))
             pipe.xadd(self._log, {"op": "del", "id": eid}, maxlen=self._maxlen, approximate=True)
         self._call(pipe.execute)
         for key, eid in pointers:  # only if it still points here: a newer answer may own it
@@ -220,10 +222,6 @@ class RedisStore:
                                       "index_vector", "dim")
             if ns is not None and vec is not None:
                 yield ns.decode(), eid, np.frombuffer(vec, dtype=np.float32).reshape(int(dim))
-
-    def namespace_of(self, entry_id: int) -> str | None:
-        ns = self._call(self._r.hget, self._entry(entry_id), "namespace")
-        return ns.decode() if ns is not None else None
 
     def changes(self, cursor: Any) -> tuple[list[tuple[str, int]], Any]:
         """Stream records after `cursor` (a stream id; None: the current end)."""

@@ -64,7 +64,7 @@ class ResponseStore(Protocol):
     def put(self, entry: Entry) -> None: ...
     def get(self, entry_id: int) -> Entry | None: ...
     def find_exact(self, namespace: str, exact_key: str) -> Entry | None: ...
-    def delete(self, entry_ids: Iterable[int]) -> int: ...
+    def delete(self, entry_ids: Iterable[int]) -> dict[int, str]: ...
     def ids(self, tenant: str | None = None, category: str | None = None) -> list[int]: ...
     def count(self, tenant: str | None = None, category: str | None = None) -> int: ...
     def lru(self, tenant: str, category: str | None, n: int) -> list[int]: ...
@@ -73,7 +73,6 @@ class ResponseStore(Protocol):
     def update_feedback(self, entry_id: int, min_similarity: float,
                         observations: list[tuple[float, bool]]) -> None: ...
     def iter_index_rows(self) -> Iterator[tuple[str, int, np.ndarray]]: ...
-    def namespace_of(self, entry_id: int) -> str | None: ...
     def changes(self, cursor: Any) -> tuple[list[tuple[str, int]], Any]: ...
     def close(self) -> None: ...
 
@@ -158,24 +157,10 @@ class SqliteStore:
         return entry
 
     def put(self, entry: Entry) -> None:
-        entry.checksum = entry.compute_checksum()
-        row = (
-            entry.id, entry.namespace, entry.tenant, entry.category, entry.exact_key, entry.query,
-            json.dumps(entry.context), entry.response, _blob(entry.vector),
-            _blob(entry.index_vector), _blob(entry.context_vectors), int(entry.vector.shape[-1]),
-            entry.created, entry.expires, entry.last_used, entry.hits, entry.min_similarity,
-            json.dumps(entry.observations), entry.checksum,
-        )
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.execute(f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES "
-                             f"({', '.join('?' * 19)})", row)
-            self._db.execute("INSERT INTO changes(op, id) VALUES ('add', ?)", (entry.id,))
-            self._db.execute("COMMIT")
-            self._after_write()
+        self.put_many([entry])
 
     def put_many(self, entries: list[Entry]) -> None:
-        """Bulk load (benchmarks, imports): one transaction, one change record per entry."""
+        """One transaction, one change record per entry (bulk loads: benchmarks, imports)."""
         for e in entries:
             e.checksum = e.compute_checksum()
         rows = [
@@ -192,6 +177,7 @@ class SqliteStore:
             self._db.executemany("INSERT INTO changes(op, id) VALUES ('add', ?)",
                                  [(e.id,) for e in entries])
             self._db.execute("COMMIT")
+            self._after_write()
 
     def _after_write(self) -> None:
         self._writes += 1
@@ -207,15 +193,20 @@ class SqliteStore:
             f"SELECT {_COLUMNS} FROM entries WHERE namespace = ? AND exact_key = ? "
             "ORDER BY created DESC LIMIT 1", (namespace, exact_key))
 
-    def delete(self, entry_ids: Iterable[int]) -> int:
+    def delete(self, entry_ids: Iterable[int]) -> dict[int, str]:
+        """Removes the entries; returns id -> index namespace of those that were there."""
         ids = [(int(i),) for i in entry_ids]
         if not ids:
-            return 0
+            return {}
         with self._lock:
             self._db.execute("BEGIN")
-            before = self._db.total_changes
+            removed = {}
+            for (eid,) in ids:
+                row = self._db.execute("SELECT namespace FROM entries WHERE id = ?",
+                                       (eid,)).fetchone()
+                if row is not None:
+                    removed[eid] = row[0]
             self._db.executemany("DELETE FROM entries WHERE id = ?", ids)
-            removed = self._db.total_changes - before
             self._db.executemany("INSERT INTO changes(op, id) VALUES ('del', ?)", ids)
             self._db.execute("COMMIT")
             self._after_write()
@@ -281,12 +272,6 @@ class SqliteStore:
                 "OR expires > ?", (time.time(),)).fetchall()
         for ns, eid, blob, dim in rows:
             yield ns, eid, np.frombuffer(blob, dtype=np.float32).reshape(dim)
-
-    def namespace_of(self, entry_id: int) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT namespace FROM entries WHERE id = ?",
-                                   (entry_id,)).fetchone()
-        return row[0] if row else None
 
     def changes(self, cursor: int | None) -> tuple[list[tuple[str, int]], int]:
         """Change records after `cursor` (None: just the current position)."""
