@@ -9,11 +9,11 @@ How much it helps depends on the model: it is measured in benchmarks/semantic_ca
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from typing import Any
 
 import torch
+
+from kvcellar.semantic.lru import LRU
 
 _SYSTEM = (
     "You compare two questions. Answer yes if they ask for exactly the same information, so "
@@ -30,19 +30,17 @@ class LLMJudgeCheck:
         self.min_yes = min_yes
         self._yes = self._token_ids(["yes", "Yes", " yes", " Yes"])
         self._no = self._token_ids(["no", "No", " no", " No"])
-        self._cache: OrderedDict[tuple[str, str], float] = OrderedDict()
-        self._cache_size = cache_size
-        self._lock = threading.Lock()
+        self._cache: LRU[tuple[str, str], float] = LRU(cache_size)
 
     def _token_ids(self, words: list[str]) -> list[int]:
-        ids = {self.runner.encode_text(w)[0] for w in words if self.runner.encode_text(w)}
-        return sorted(ids)
+        encoded = (self.runner.encode_text(w) for w in words)
+        return sorted({ids[0] for ids in encoded if ids})
 
     def probability_same(self, query: str, candidate: str) -> float:
         key = (query, candidate)
-        with self._lock:
-            if key in self._cache:
-                return self._cache[key]
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
         ids = self.runner.encode_chat([
             {"role": "system", "content": _SYSTEM},
             {"role": "user", "content": f"Question 1: {candidate}\nQuestion 2: {query}\n"
@@ -52,10 +50,7 @@ class LLMJudgeCheck:
             logits = self.runner.forward(ids, self.runner.new_cache())
         pair = torch.stack([logits[self._yes].logsumexp(0), logits[self._no].logsumexp(0)])
         p_yes = float(torch.softmax(pair, dim=0)[0])
-        with self._lock:
-            self._cache[key] = p_yes
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        self._cache.put(key, p_yes)
         return p_yes
 
     def __call__(self, query: str, candidate: str) -> str | None:

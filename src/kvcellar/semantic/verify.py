@@ -10,8 +10,7 @@ Checks are plain callables; a cross-encoder or the served LLM as judge plugs in 
 from __future__ import annotations
 
 import re
-import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,6 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from kvcellar.errors import ConfigError
+from kvcellar.semantic.lru import LRU
 
 _WORD = re.compile(r"[a-z0-9][a-z0-9'+#]*(?:[.\-][a-z0-9+#]+)*", re.I)
 _RAW_TOKEN = re.compile(r"\S+")
@@ -57,7 +57,7 @@ _ANTONYM_PAIRS = [
     ("bigger", "smaller"), ("longer", "shorter"), ("old", "new"), ("oldest", "newest"),
     ("older", "newer"), ("cheap", "expensive"), ("positive", "negative"),
     ("odd", "even"), ("add", "subtract"), ("multiply", "divide"), ("plus", "minus"),
-    ("import", "export"), ("arrival", "departure"), ("arrive", "depart"), ("lend", "borrow"),
+    ("arrival", "departure"), ("arrive", "depart"), ("lend", "borrow"),
     ("input", "output"), ("read", "write"), ("public", "private"), ("sync", "async"),
     ("synchronous", "asynchronous"), ("valid", "invalid"), ("visible", "invisible"),
     ("approve", "deny"), ("hire", "fire"), ("gain", "lose"), ("profit", "loss"),
@@ -497,26 +497,17 @@ class TokenCache:
 
     def __init__(self, token_embedder: Callable[[list[str]], list], size: int = 4096) -> None:
         self._embed = token_embedder
-        self._size = size
-        self._cache: OrderedDict[str, tuple[list[str], np.ndarray, np.ndarray]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache: LRU[str, tuple[list[str], np.ndarray, np.ndarray]] = LRU(size)
 
     def get(self, texts: Sequence[str]) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
         """Per text: (word pieces, unit vectors, content-piece mask)."""
-        with self._lock:
-            missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        fresh = dict(zip(missing, self._embed(missing), strict=True)) if missing else {}
-        with self._lock:
-            for text, te in fresh.items():
-                content = np.array([_is_content(tok) for tok in te.tokens], dtype=bool)
-                self._cache[text] = (te.tokens, te.vectors, content)
-                while len(self._cache) > self._size:
-                    self._cache.popitem(last=False)
-            out = []
-            for t in texts:
-                self._cache.move_to_end(t)
-                out.append(self._cache[t])
-            return out
+        found = {t: self._cache.get(t) for t in dict.fromkeys(texts)}
+        missing = [t for t, v in found.items() if v is None]
+        for text, te in zip(missing, self._embed(missing) if missing else [], strict=True):
+            content = np.array([_is_content(tok) for tok in te.tokens], dtype=bool)
+            found[text] = (te.tokens, te.vectors, content)
+            self._cache.put(text, found[text])
+        return [found[t] for t in texts]
 
     def word_alignment(self, text: str, other: str, stems: set[str]) -> list[float]:
         """For each word of `text` whose stem is in `stems`: the best cosine of its (mean
