@@ -4,7 +4,8 @@ traps, lookup latency at scale, and the key-collision attack.
 a. **Accuracy** over ``benchmarks/data/semantic/pairs.jsonl``: every ``a`` is stored (response =
    its pair id) in one namespace, every ``b`` looked up. For a paraphrase, a hit returning its own
    pair's entry is a *true match served*, a hit returning another entry is wrong; for a trap
-   (negation, entity, number, date, scope) any hit is a wrong answer. Also over
+   (negation, entity, number, date, scope) any hit is a wrong answer, except a hit on an entry
+   storing the trap's very text (some traps' ``b`` is another item's ``a``). Also over
    ``multiturn.jsonl``, each item in its own namespace: ``context_a + query`` stored as
    messages, ``context_b + query`` looked up; hits on ``same=false`` are wrong, hits on
    ``same=true`` are served. The same over ``holdout_pairs.jsonl`` / ``holdout_multiturn.jsonl``,
@@ -159,9 +160,12 @@ def eval_pairs(cache: SemanticCache, pairs: list[dict], tenant: str = "eval") ->
             per_kind[f"{p['kind']}_n"] += 1
         if hit is None:
             continue
+        if not p["same"] and normalize_text(hit.query) == normalize_text(p["b"]):
+            # another item stores this very text as its `a`: that entry's answer is right
+            counts["trap_text_stored_elsewhere"] += 1
+            continue
         cat["hits"] += 1
-        own = hit.response == owner[normalize_text(p["a"])]
-        if p["same"] and own:
+        if p["same"] and hit.response == owner[normalize_text(p["a"])]:
             counts["served"] += 1
             cat["correct"] += 1
         elif p["same"]:
@@ -175,6 +179,7 @@ def eval_pairs(cache: SemanticCache, pairs: list[dict], tenant: str = "eval") ->
     hits = counts["served"] + counts["wrong_paraphrase"] + counts["wrong_trap"]
     return {
         "paraphrases": counts["paraphrases"], "traps": counts["traps"],
+        "trap_text_stored_elsewhere": counts["trap_text_stored_elsewhere"],
         "served": _pct(counts["served"], counts["paraphrases"]),
         "wrong_on_traps": _pct(counts["wrong_trap"], counts["traps"]),
         "wrong_on_paraphrases": _pct(counts["wrong_paraphrase"], counts["paraphrases"]),

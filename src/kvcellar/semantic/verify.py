@@ -13,6 +13,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 from functools import lru_cache
 from typing import Protocol
 
@@ -111,8 +112,18 @@ _CALENDAR_SYNONYMS = {"12pm": "noon", "12am": "midnight", "jan": "january",
 _MERIDIEM = re.compile(r"\d\s*([ap])\.?m\b", re.I)
 
 
+_NOON = re.compile(r"\b12(?::00)?\s*(?:([ap])\.?m\.?|noon|midnight)(?![a-z])", re.I)
+
+
+def _clock_text(text: str) -> str:
+    """"12pm" is noon and "12 am" midnight: said either way, neither is a number to compare."""
+    return _NOON.sub(lambda m: " midnight" if (m.group(1) or "").lower() == "a"
+                     or "midnight" in m.group(0).lower() else " noon", text)
+
+
 @lru_cache(maxsize=16384)
 def _calendar(text: str) -> frozenset[str]:
+    text = _clock_text(text)
     found = {f"{m.lower()}m" for m in _MERIDIEM.findall(text)}
     for w in words(text):
         w = _CALENDAR_SYNONYMS.get(w, w)
@@ -173,6 +184,17 @@ def overlap(a: str, b: str) -> float:
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
 
 
+_SWITCH = re.compile(r"\b(?:turn|switch|shut)(?:s|ed|ing)?\s+(on|off)\b", re.I)
+
+
+@lru_cache(maxsize=16384)
+def _polar_stems(text: str) -> frozenset[str]:
+    """Stems with "turn on" read as "enable" and "switch off" as "disable", so "disable 2FA"
+    meets its opposite however the candidate phrased it."""
+    text = _SWITCH.sub(lambda m: "enable" if m.group(1).lower() == "on" else "disable", text)
+    return frozenset(_stem(w) for w in words(text))
+
+
 class NegationCheck:
     """A negation flip between near-identical texts, or a swapped antonym.
 
@@ -191,7 +213,7 @@ class NegationCheck:
         cn = sum(_is_negation(w) for w in cw)
         if qn % 2 != cn % 2 and overlap(query, candidate) >= self.min_overlap:
             return "negation differs"
-        qs, cs = {_stem(w) for w in qw}, {_stem(w) for w in cw}
+        qs, cs = _polar_stems(query), _polar_stems(candidate)
         for w in qs - cs:
             flipped = _ANTONYMS.get(w, set()) & (cs - qs)
             if flipped:
@@ -202,6 +224,7 @@ class NegationCheck:
 @lru_cache(maxsize=16384)
 def _numbers(text: str) -> tuple[tuple[str, int], ...]:
     values: Counter = Counter()
+    text = _clock_text(text)
     for raw in _NUMBER.findall(text):
         # thousands separators: "3,000" is 3000, "3,5" stays as written
         value = raw.replace(",", "") if re.fullmatch(r"\d{1,3}(,\d{3})+", raw) else raw
@@ -216,6 +239,20 @@ def _numbers(text: str) -> tuple[tuple[str, int], ...]:
 
 
 _QUANTIFIERS = {"a", "an", "per", "each", "every", "one"}
+_DEGREES = [(re.compile(r"(?:°|\bdeg(?:rees?)?\b)\s*(c|celsius|centigrade|f|fahrenheit)\b", re.I),
+             lambda m: " " + ("fahrenheit" if m.group(1).lower().startswith("f") else "celsius")),
+            (re.compile(r"°"), lambda m: " degrees"),
+            (re.compile(r"\bmiles? (?:per|an|a) hour\b", re.I), lambda m: "mph"),
+            (re.compile(r"\b(?:kilometers?|kilometres?|km) (?:per|an|a) hour\b", re.I),
+             lambda m: "kmh")]
+
+
+@lru_cache(maxsize=16384)
+def _unit_text(text: str) -> str:
+    """Spellings of one unit made one: "100°F", "100 degrees Fahrenheit", "miles per hour"."""
+    for pattern, repl in _DEGREES:
+        text = pattern.sub(repl, text)
+    return text
 _RATES = {"daily", "weekly", "monthly", "yearly", "annual", "annually", "hourly"}  # "per day"
 
 
@@ -225,6 +262,7 @@ def _units(text: str) -> tuple[frozenset[str], frozenset[str]]:
     "per hour" and "a day" are quantified; a bare "how many days" names the unit of the
     answer, which a paraphrase may leave implicit ("how long")."""
     quantified, mentioned = set(), set()
+    text = _unit_text(text)
     lowered = text.lower()
     for sym in ("%", "$", "€", "£"):
         if sym in lowered:
@@ -239,7 +277,8 @@ def _units(text: str) -> tuple[frozenset[str], frozenset[str]]:
         for suffix in ("s", "es"):
             if glued.endswith(suffix) and glued[: -len(suffix)] in _UNITS:
                 unit = glued[: -len(suffix)]
-        found = {_UNITS[unit]} if unit in _UNITS else set(_UNIT_SETS.get(unit, ()))
+        found = set(_UNIT_SETS[unit]) if unit in _UNIT_SETS else (
+            {_UNITS[unit]} if unit in _UNITS else set())
         mentioned |= found
         if is_quantified or unit in _UNIT_SETS or unit in _RATES:
             quantified |= found
@@ -338,6 +377,7 @@ class EntityCheck:
     def __call__(self, query: str, candidate: str) -> str | None:
         if _quoted(query) != _quoted(candidate):  # 'cat' vs 'dog': the quoted thing is the topic
             return "quoted text differs"
+        query, candidate = _unit_text(query), _unit_text(candidate)  # "100°F" is no name
         q_missing = [e for e in sorted(_strong_entities(query)) if not _mentioned(e, candidate)]
         c_missing = [e for e in sorted(_strong_entities(candidate)) if not _mentioned(e, query)]
         if q_missing and c_missing:
@@ -407,6 +447,9 @@ class SubstitutionCheck:
 
     name = "substitution"
 
+    def __init__(self, max_rewording: int = 1) -> None:
+        self.max_rewording = max_rewording
+
     def __call__(self, query: str, candidate: str) -> str | None:
         q, c = content_stems(query), content_stems(candidate)
         extra_q, extra_c = q - c, c - q
@@ -417,7 +460,38 @@ class SubstitutionCheck:
             return None  # a changed quantity is the numbers check's call
         if a.startswith(b) or b.startswith(a) or b in _SYNONYMS.get(a, ()):
             return None
+        if _UNITS.get(a, a) == _UNITS.get(b, b):  # "cm" / "centimeters"
+            return None
+        if _rewording(query, candidate) > self.max_rewording:
+            return None  # the sentence was rephrased around the word: a paraphrase's way
         return f"{a!r} swapped for {b!r}"
+
+
+_CONTRACTIONS = {"'s": ("is",), "'re": ("are",), "'m": ("am",), "'ve": ("have",),
+                 "'ll": ("will",), "'d": ("would",)}
+
+
+@lru_cache(maxsize=16384)
+def _expanded_words(text: str) -> tuple[str, ...]:
+    """Words with "what's" as "what is", so a contraction is not counted as rewording."""
+    out: list[str] = []
+    for w in words(text):
+        for ending, expansion in _CONTRACTIONS.items():
+            if w.endswith(ending) and len(w) > len(ending):
+                out.extend((w[: -len(ending)], *expansion))
+                break
+        else:
+            out.append(w)
+    return tuple(out)
+
+
+def _rewording(query: str, candidate: str) -> int:
+    """Words changed around a swap: the larger side's count of words outside the longest
+    common word sequence, less the swapped word itself. "symbol for gold" / "symbol for
+    silver" is 0; "Who wrote X?" / "who is the author of X" is 3."""
+    q, c = _expanded_words(query), _expanded_words(candidate)
+    same = sum(b.size for b in SequenceMatcher(a=q, b=c, autojunk=False).get_matching_blocks())
+    return max(len(q), len(c)) - same - 1
 
 
 _QUOTES = "\"\u201c\u201d\u2018\u2019'"

@@ -1,0 +1,57 @@
+"""The verification gate's text checks one by one: what each must veto and what it must let
+through. Pure text, no model: each case names the check and the pair."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvcellar.semantic.verify import (
+    EntityCheck,
+    NegationCheck,
+    NumberDateCheck,
+    SubstitutionCheck,
+)
+
+VETO = [
+    (NegationCheck(), "How do I disable two-factor authentication?",
+     "How do I turn on two-factor authentication?"),
+    (NegationCheck(), "switch off dark mode", "How do I enable dark mode?"),
+    (NumberDateCheck(), "Convert 20 degrees Celsius to Fahrenheit.",
+     "Convert 20 degrees Fahrenheit to Celsius."),
+    (NumberDateCheck(), "Is the subway running at 3 am?", "Is the subway running at 3 pm?"),
+    (NumberDateCheck(), "Meet at 12 pm", "Meet at 12 am"),
+    (NumberDateCheck(), "a 5 km run", "a 5 mile run"),
+    (SubstitutionCheck(), "What is the chemical symbol for gold?",
+     "What is the chemical symbol for silver?"),
+    (SubstitutionCheck(), "How do I delete a local git branch?",
+     "How do I delete a remote git branch?"),
+    (SubstitutionCheck(), "What's the largest city in Canada?",
+     "What is the largest province in Canada?"),
+]
+PASS = [
+    (NegationCheck(), "turn off wifi", "switch off the wifi"),
+    (NegationCheck(), "How do I turn on 2FA?", "How do I enable two-factor authentication?"),
+    (NumberDateCheck(), "Convert 100 degrees Fahrenheit to Celsius.", "What is 100°F in Celsius?"),
+    (NumberDateCheck(), "Convert 30 degrees Celsius to Fahrenheit.", "What is 30 °C in °F?"),
+    (NumberDateCheck(), "A train travels 60 miles per hour for 3 hours. How far does it go?",
+     "A train moves at 60 mph for three hours. What distance does it cover?"),
+    (NumberDateCheck(), "What's the time in Tokyo when it's noon in London?",
+     "If it is 12pm in London, what time is it in Tokyo?"),
+    (EntityCheck(), "Convert 100 degrees Fahrenheit to Celsius.", "What is 100°F in Celsius?"),
+    # a one-word difference inside a rephrased sentence is a rewording, not a swap
+    (SubstitutionCheck(), "Who wrote Pride and Prejudice?", "who is the author of pride and prejudice"),
+    (SubstitutionCheck(), "How old is the universe?", "What is the age of the universe?"),
+    (SubstitutionCheck(), "How many centimeters are in an inch?", "how many cm in one inch"),
+]
+
+
+@pytest.mark.parametrize(("check", "query", "candidate"), VETO)
+def test_check_vetoes(check, query, candidate):
+    assert check(query, candidate) is not None
+    assert check(candidate, query) is not None
+
+
+@pytest.mark.parametrize(("check", "query", "candidate"), PASS)
+def test_check_lets_through(check, query, candidate):
+    assert check(query, candidate) is None
+    assert check(candidate, query) is None
