@@ -9,6 +9,8 @@ from kvcellar.semantic.verify import (
     EntityCheck,
     NegationCheck,
     NumberDateCheck,
+    QuestionTypeCheck,
+    ScopeCheck,
     SubstitutionCheck,
 )
 
@@ -27,6 +29,12 @@ VETO = [
      "How do I delete a remote git branch?"),
     (SubstitutionCheck(), "What's the largest city in Canada?",
      "What is the largest province in Canada?"),
+    (NegationCheck(), "How do I disable 2FA?", "How do I set up 2FA on my phone?"),
+    (QuestionTypeCheck(), "Why can't I change my username?", "How do I change my username?"),
+    # words inserted into an otherwise unchanged question narrow it
+    (ScopeCheck(), "How do I read a file in Python?", "How do I read a binary file in Python?"),
+    (ScopeCheck(), "How do I sort a list in Python?",
+     "How do I sort a list in reverse order in Python?"),
 ]
 PASS = [
     (NegationCheck(), "turn off wifi", "switch off the wifi"),
@@ -41,6 +49,11 @@ PASS = [
     # a one-word difference inside a rephrased sentence is a rewording, not a swap
     (SubstitutionCheck(), "Who wrote Pride and Prejudice?", "who is the author of pride and prejudice"),
     (SubstitutionCheck(), "How old is the universe?", "What is the age of the universe?"),
+    (QuestionTypeCheck(), "How do I download my invoice?", "Where can I download my invoice?"),
+    (QuestionTypeCheck(), "how come the sky is blue", "why is the sky blue"),
+    # words added while the rest was rephrased are left to the content check
+    (ScopeCheck(), "Why did the Roman Empire fall?",
+     "What were the causes of the fall of the Roman Empire?"),
     (SubstitutionCheck(), "How many centimeters are in an inch?", "how many cm in one inch"),
 ]
 

@@ -63,7 +63,7 @@ _ANTONYM_PAIRS = [
     ("synchronous", "asynchronous"), ("valid", "invalid"), ("visible", "invisible"),
     ("approve", "deny"), ("hire", "fire"), ("gain", "lose"), ("profit", "loss"),
     ("deposit", "withdraw"), ("credit", "debit"), ("internal", "external"),
-    ("client", "server"), ("front", "back"), ("good", "bad"), ("better", "worse"), ("uppercase", "lowercase"), ("upper", "lower"),
+    ("setup", "disable"), ("setup", "remove"), ("setup", "uninstall"), ("client", "server"), ("front", "back"), ("good", "bad"), ("better", "worse"), ("uppercase", "lowercase"), ("upper", "lower"),
 ]
 # Numbers, units and calendar words must agree exactly: a changed one changes the answer.
 _NUMBER_WORDS = {
@@ -184,6 +184,7 @@ def overlap(a: str, b: str) -> float:
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
 
 
+_SET_UP = re.compile(r"\bset(?:s|ting)?\s+up\b", re.I)
 _SWITCH = re.compile(r"\b(?:turn|switch|shut)(?:s|ed|ing)?\s+(on|off)\b", re.I)
 
 
@@ -192,6 +193,7 @@ def _polar_stems(text: str) -> frozenset[str]:
     """Stems with "turn on" read as "enable" and "switch off" as "disable", so "disable 2FA"
     meets its opposite however the candidate phrased it."""
     text = _SWITCH.sub(lambda m: "enable" if m.group(1).lower() == "on" else "disable", text)
+    text = _SET_UP.sub("setup", text)
     return frozenset(_stem(w) for w in words(text))
 
 
@@ -292,6 +294,7 @@ _WHEN = re.compile(r"\b(?:what|which) (?:year|date|time|day|month|century)\b")
 
 _HOW = re.compile(r"\bhow (much|many|long|far|old|often|frequently|big|tall)\b")
 _HOW_LONG = re.compile(r"\bhow (?:long|many (?:seconds|minutes|hours|days|weeks|months|years)|much time)\b")
+_CLAUSE_HOW = re.compile(r"(?:^|[.,;:!?]\s*)how\b")
 _CLAUSE_WH = re.compile(r"(?:^|[.,;:!?]\s*)(who|when|where|why)\b")
 
 
@@ -306,6 +309,10 @@ def _question_types(text: str) -> frozenset[str]:
         found.add("how long")
     else:
         found |= {f"how {'often' if m == 'frequently' else m}" for m in _HOW.findall(lowered)}
+    if "how come" in lowered:  # asks why
+        found.add("why")
+    elif _CLAUSE_HOW.search(lowered) and not any(t.startswith("how ") for t in found):
+        found.add("how")  # a way or a method: "how do I change X" is not "why can't I"
     return frozenset(found)
 
 
@@ -320,6 +327,11 @@ class QuestionTypeCheck:
         # "how much" and "how many" both ask for a quantity
         q = {"how much" if t == "how many" else t for t in q}
         c = {"how much" if t == "how many" else t for t in c}
+        # a plain "how" (a way: "how do I get X", "where do I get X") only clashes with "why"
+        if "how" in q and "why" not in c:
+            q.discard("how")
+        if "how" in c and "why" not in q:
+            c.discard("how")
         if q and c and q != c:
             return f"asks {'/'.join(sorted(q))} vs {'/'.join(sorted(c))}"
         return None
@@ -397,15 +409,19 @@ class ScopeCheck:
 
     name = "scope"
 
-    def __init__(self, tokens: TokenCache | None = None, min_alignment: float = 0.6) -> None:
+    def __init__(self, tokens: TokenCache | None = None, min_alignment: float = 0.6,
+                 max_rewording: int = 1) -> None:
         self.tokens = tokens
         self.min_alignment = min_alignment
+        self.max_rewording = max_rewording
 
     def __call__(self, query: str, candidate: str) -> str | None:
         q, c = content_stems(query), content_stems(candidate)
         extra_q, extra_c = q - c, c - q
         if bool(extra_q) == bool(extra_c):
             return None
+        if _kept_words_changed(query, candidate) > self.max_rewording:
+            return None  # rephrased, not extended: the content check weighs the added words
         side, extra = ("query", extra_q) if extra_q else ("candidate", extra_c)
         if self.tokens is not None:
             own, other = (query, candidate) if extra_q else (candidate, query)
@@ -485,13 +501,27 @@ def _expanded_words(text: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=16384)
+def _common_words(query: str, candidate: str) -> tuple[int, int, int]:
+    """(words in common as one ordered sequence, shorter length, longer length)."""
+    q, c = _expanded_words(query), _expanded_words(candidate)
+    same = sum(b.size for b in SequenceMatcher(a=q, b=c, autojunk=False).get_matching_blocks())
+    return same, min(len(q), len(c)), max(len(q), len(c))
+
+
 def _rewording(query: str, candidate: str) -> int:
     """Words changed around a swap: the larger side's count of words outside the longest
     common word sequence, less the swapped word itself. "symbol for gold" / "symbol for
     silver" is 0; "Who wrote X?" / "who is the author of X" is 3."""
-    q, c = _expanded_words(query), _expanded_words(candidate)
-    same = sum(b.size for b in SequenceMatcher(a=q, b=c, autojunk=False).get_matching_blocks())
-    return max(len(q), len(c)) - same - 1
+    same, _, longer = _common_words(query, candidate)
+    return longer - same - 1
+
+
+def _kept_words_changed(query: str, candidate: str) -> int:
+    """Words of the shorter text missing from the common sequence: 0 when the longer text is
+    the shorter one with words inserted ("read a file" / "read a binary file")."""
+    same, shorter, _ = _common_words(query, candidate)
+    return shorter - same
 
 
 _QUOTES = "\"\u201c\u201d\u2018\u2019'"
