@@ -12,6 +12,7 @@ from kvcellar.semantic.verify import (
     QuestionTypeCheck,
     ScopeCheck,
     SubstitutionCheck,
+    VerificationGate,
 )
 
 VETO = [
@@ -68,3 +69,25 @@ def test_check_vetoes(check, query, candidate):
 def test_check_lets_through(check, query, candidate):
     assert check(query, candidate) is None
     assert check(candidate, query) is None
+
+
+def test_earlier_turns_held_to_facts_and_swaps_not_to_wording():
+    gate = VerificationGate([NegationCheck(), NumberDateCheck(), EntityCheck(), SubstitutionCheck(),
+                             ScopeCheck()])
+    q = "Can you show me an example?"
+    same = gate.verify(q, q, ["user: I'm looking at hotels in Lisbon for next weekend."],
+                       ["user: I'm looking at hotels in Lisbon for next weekend!"])
+    assert same.ok
+    swapped = gate.verify(q, q, ["user: I'm looking at hotels in Lisbon for next weekend."],
+                          ["user: I'm looking at flights in Lisbon for next weekend."])
+    assert not swapped.ok and swapped.check == "substitution"
+    # a reply reworded without a figure the other states is not a conflict; two figures are
+    dropped = gate.verify(q, q, ["user: Convert 10 miles to km.", "assistant: 10 miles is 16.09 km."],
+                          ["user: Convert 10 miles to km.", "assistant: That's roughly 16.09 km."])
+    assert dropped.ok
+    differ = gate.verify(q, q, ["user: Convert 10 miles to km.", "assistant: It is 16.09 km."],
+                         ["user: Convert 10 miles to km.", "assistant: It is 18.2 km."])
+    assert not differ.ok and differ.check == "numbers"
+    idiom = gate.verify(q, q, ["assistant: Sure, you can return items within 30 days."],
+                        ["assistant: No problem, items can be returned within 30 days."])
+    assert idiom.ok

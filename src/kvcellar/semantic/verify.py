@@ -184,6 +184,9 @@ def overlap(a: str, b: str) -> float:
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
 
 
+# set phrases that negate nothing ("No problem, items can be returned...")
+_IDIOMS = re.compile(r"\b(?:no (?:problem|worries|doubt)|not at all|no matter|never mind|"
+                     r"nothing like)\b", re.I)
 _SET_UP = re.compile(r"\bset(?:s|ting)?\s+up\b", re.I)
 _SWITCH = re.compile(r"\b(?:turn|switch|shut)(?:s|ed|ing)?\s+(on|off)\b", re.I)
 
@@ -210,7 +213,7 @@ class NegationCheck:
         self.min_overlap = min_overlap
 
     def __call__(self, query: str, candidate: str) -> str | None:
-        qw, cw = words(query), words(candidate)
+        qw, cw = words(_IDIOMS.sub(" ", query)), words(_IDIOMS.sub(" ", candidate))
         qn = sum(_is_negation(w) for w in qw)
         cn = sum(_is_negation(w) for w in cw)
         if qn % 2 != cn % 2 and overlap(query, candidate) >= self.min_overlap:
@@ -284,8 +287,8 @@ def _units(text: str) -> tuple[frozenset[str], frozenset[str]]:
         mentioned |= found
         if is_quantified or unit in _UNIT_SETS or unit in _RATES:
             quantified |= found
-        previous_is_number = (w.replace(".", "").isdigit() or w in _NUMBER_WORDS
-                              or w in _QUANTIFIERS)
+        previous_is_number = (all(x.replace(".", "").isdigit() for x in parts)  # "5-10"
+                              or w in _NUMBER_WORDS or w in _QUANTIFIERS)
     return frozenset(quantified), frozenset(mentioned)
 
 
@@ -349,6 +352,16 @@ class NumberDateCheck:
         if q_quantified != c_quantified or (q_all and c_all and q_all != c_all):
             return "units differ"
         if _calendar(query) != _calendar(candidate):
+            return "dates differ"
+        return None
+
+    def conflict(self, query: str, candidate: str) -> str | None:
+        """Only values on both sides that disagree: each side has one the other lacks."""
+        q, c = dict(_numbers(query)), dict(_numbers(candidate))
+        if set(q) - set(c) and set(c) - set(q):
+            return "numbers differ"
+        qd, cd = _calendar(query), _calendar(candidate)
+        if qd - cd and cd - qd:
             return "dates differ"
         return None
 
@@ -687,7 +700,7 @@ class VerificationGate:
     served for a small gain.) Turns come as "role: text".
     """
 
-    CONTEXT_CHECKS = frozenset({"negation", "question", "numbers", "entities"})
+    CONTEXT_CHECKS = frozenset({"negation", "question", "numbers", "entities", "substitution"})
 
     def __init__(self, checks: Sequence[Check]) -> None:
         self.checks = list(checks)
@@ -701,11 +714,16 @@ class VerificationGate:
             if reason is not None:
                 return Verdict(False, check.name, reason)
         for q_turn, c_turn in zip(context, candidate_context, strict=False):
-            q = q_turn.partition(": ")[2] if ": " in q_turn else q_turn
+            role, _, q = q_turn.partition(": ") if ": " in q_turn else ("", "", q_turn)
             c = c_turn.partition(": ")[2] if ": " in c_turn else c_turn
             for check in self.checks:
                 if check.name in self.CONTEXT_CHECKS:
-                    reason = check(q, c)
+                    if role == "assistant" and isinstance(check, NumberDateCheck):
+                        # a reworded reply drops or adds a figure freely; two that disagree
+                        # (a different price, a different year) still change the answer
+                        reason = check.conflict(q, c)
+                    else:
+                        reason = check(q, c)
                     if reason is not None:
                         return Verdict(False, check.name, f"earlier turn: {reason}")
         return Verdict(True)
