@@ -343,3 +343,23 @@ def test_served_model_as_judge_plugs_into_the_gate(embedder, runner, tmp_path):
     assert decision.hit is None and "judge" in decision.reason  # everything else let it through
     assert sc.lookup("How do I reset my password?", tenant="t").kind == "exact"  # never judged
     sc.close()
+
+
+def test_a_missed_query_is_embedded_once_for_lookup_and_store(make_cache, embedder, monkeypatch):
+    calls: list[list[str]] = []
+    real = embedder._encode
+
+    def counting(texts):
+        calls.append(list(texts))
+        return real(texts)
+
+    monkeypatch.setattr(embedder, "_encode", counting)
+    sc = make_cache()
+    q = "What is the tallest mountain in Africa? (embedding cache test)"
+    assert sc.lookup(q, tenant="t") is None
+    sc.store(q, "Kilimanjaro.", tenant="t")
+    assert sum(q in c for c in calls) == 1
+    again = embedder.encode([q, q])
+    np.testing.assert_array_equal(again[0], real([q])[0])
+    again[0][:] = 0  # callers get their own array: the kept vector is untouched
+    assert float(np.linalg.norm(embedder.encode([q])[0])) == pytest.approx(1.0, abs=1e-5)

