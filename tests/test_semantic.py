@@ -49,6 +49,7 @@ def test_exact_then_semantic_hit_and_negation_trap(make_cache):
     assert 0.75 <= hit.similarity < 1.0
     decision = sc.lookup_detailed("How do I disable 2FA on my account?", tenant="t")
     assert decision.hit is None and decision.similarity > 0.85 and "antonym" in decision.reason
+    assert decision.rejected_by == "gate:negation"
     stats = sc.stats()
     assert stats["exact_hits"] == 1 and stats["semantic_hits"] == 1 and stats["misses"] == 1
     assert stats["rejections"]["gate:negation"] == 1

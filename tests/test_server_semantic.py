@@ -10,6 +10,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_server import ADMIN, ALICE, BOB, MODEL, Server, _serve
 
+from kvcellar.semantic.config import SemanticSettings
+
 pytestmark = pytest.mark.slow
 
 
@@ -92,15 +94,21 @@ def test_per_request_cache_control(server):
     assert _chat(server, question, cache={"unknown": 1}).status_code == 422
 
 
-def test_semantic_metrics(server):
+def test_semantic_metrics_per_tenant(server):
     _chat(server, "How many legs does a spider have?")
     _chat(server, "How many legs does a spider have?")
     text = server.get("/metrics", headers=ALICE).text
-    samples = {(s.name, s.labels.get("result")): s.value
-               for f in text_string_to_metric_families(text) for s in f.samples}
-    assert samples[("kvcellar_semantic_lookups_total", "exact")] >= 1
-    assert samples[("kvcellar_semantic_lookups_total", "miss")] >= 1
-    assert samples[("kvcellar_semantic_stores_total", None)] >= 1
+    samples = {(s.name, s.labels.get("tenant"), s.labels.get("result", s.labels.get("reason"))):
+               s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("kvcellar_semantic_lookups_total", "alice", "exact")] >= 1
+    misses = samples[("kvcellar_semantic_lookups_total", "alice", "miss")]
+    assert misses >= 1
+    by_reason = {k[2]: v for k, v in samples.items()
+                 if k[0] == "kvcellar_semantic_misses_total" and k[1] == "alice"}
+    assert sum(by_reason.values()) == misses  # each miss says what turned it away
+    assert set(by_reason) <= {"no candidate", "threshold", "context", "learned"} | {
+        f"gate:{c}" for c in SemanticSettings().checks}
+    assert samples[("kvcellar_semantic_stores_total", "alice", None)] >= 1
 
 
 def test_feedback_clear_and_stats_endpoints(server):

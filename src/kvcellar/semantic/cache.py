@@ -62,6 +62,7 @@ class Decision:
     similarity: float | None = None
     candidate_id: int | None = None
     reason: str = ""
+    rejected_by: str | None = None  # threshold, context, gate:<check>, learned
 
 
 @dataclass
@@ -416,6 +417,7 @@ class SemanticCache:
 
     def _reject(self, decision: Decision, why: str) -> Decision:
         self._stats.rejections[why] += 1
+        decision.rejected_by = why
         return decision
 
     def _serve(self, entry: Entry, similarity: float, kind: str, now: float,

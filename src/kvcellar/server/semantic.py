@@ -56,15 +56,21 @@ class SemanticLayer:
         elif "path" not in cfg.model_fields_set:
             cfg = cfg.model_copy(update={"path": str(settings.model_cache_dir / "semantic.sqlite")})
         self.cache = SemanticCache(cfg, model=model_name, judge_runner=runner)
+        # tenants come from the configured API keys, so the label's values are bounded
         self.lookups = Counter(
-            "kvcellar_semantic_lookups", "semantic cache lookups by result (exact, semantic, "
-            "miss, bypass, error)", ["result"], registry=registry)
+            "kvcellar_semantic_lookups", "semantic cache lookups by tenant and result (exact, "
+            "semantic, miss, bypass, error)", ["tenant", "result"], registry=registry)
+        self.misses = Counter(
+            "kvcellar_semantic_misses", "semantic cache misses by tenant and what turned the "
+            "closest candidate away (threshold, context, gate:<check>, learned, no candidate)",
+            ["tenant", "reason"], registry=registry)
         self.stores = Counter(
-            "kvcellar_semantic_stores", "answers written to the semantic cache", registry=registry)
+            "kvcellar_semantic_stores", "answers written to the semantic cache, by tenant",
+            ["tenant"], registry=registry)
 
     async def lookup(self, req: SemanticRequest, load: int) -> None:
         if req.control.no_cache:
-            self.lookups.labels("bypass").inc()
+            self.lookups.labels(req.tenant, "bypass").inc()
             return
         self.cache.set_load(load)
         try:
@@ -73,10 +79,12 @@ class SemanticLayer:
                 sampling=req.key)
         except SemanticRequestError as exc:  # e.g. too long to cache: just not cached
             log.info("semantic cache skipped: %s", exc)
-            self.lookups.labels("error").inc()
+            self.lookups.labels(req.tenant, "error").inc()
             return
         hit = req.decision.hit
-        self.lookups.labels(hit.kind if hit else "miss").inc()
+        self.lookups.labels(req.tenant, hit.kind if hit else "miss").inc()
+        if hit is None:
+            self.misses.labels(req.tenant, req.decision.rejected_by or "no candidate").inc()
 
     async def augment(self, req: SemanticRequest) -> list[dict]:
         """IC-Cache: on a miss, similar cached answers become in-context examples."""
@@ -98,7 +106,7 @@ class SemanticLayer:
             log.info("answer not cached: %s", exc)
             return
         if stored is not None:
-            self.stores.inc()
+            self.stores.labels(req.tenant).inc()
 
     async def tenant_of(self, entry_id: int) -> str | None:
         entry = await run_in_threadpool(self.cache.backend.get, entry_id)
