@@ -364,3 +364,22 @@ def test_a_missed_query_is_embedded_once_for_lookup_and_store(make_cache, embedd
     np.testing.assert_array_equal(again[0], real([q])[0])
     again[0][:] = 0  # callers get their own array: the kept vector is untouched
     assert float(np.linalg.norm(embedder.encode([q])[0])) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_sqlite_bulk_delete_returns_namespaces_and_logs_changes():
+    from kvcellar.semantic.store import Entry, SqliteStore
+
+    store = SqliteStore(":memory:")
+    rng = np.random.default_rng(0)
+    entries = [Entry(i + 1, f"ns{i % 3}:q", "t", None, f"k{i}", f"q{i}", [], f"r{i}",
+                     rng.standard_normal(8).astype(np.float32),
+                     rng.standard_normal(8).astype(np.float32), None, 0.0, None, 0.0)
+               for i in range(1200)]
+    store.put_many(entries)
+    cursor = store.changes(None)[1]
+    removed = store.delete([e.id for e in entries[:1100]] + [99_999, 5])  # unknown id, repeat
+    assert len(removed) == 1100 and removed[4] == "ns0:q" and removed[5] == "ns1:q"
+    assert store.count() == 100
+    changes, _ = store.changes(cursor)
+    assert sorted(i for op, i in changes if op == "del") == list(range(1, 1101))
+    store.close()

@@ -195,19 +195,20 @@ class SqliteStore:
 
     def delete(self, entry_ids: Iterable[int]) -> dict[int, str]:
         """Removes the entries; returns id -> index namespace of those that were there."""
-        ids = [(int(i),) for i in entry_ids]
+        ids = list(dict.fromkeys(int(i) for i in entry_ids))
         if not ids:
             return {}
         with self._lock:
             self._db.execute("BEGIN")
-            removed = {}
-            for (eid,) in ids:
-                row = self._db.execute("SELECT namespace FROM entries WHERE id = ?",
-                                       (eid,)).fetchone()
-                if row is not None:
-                    removed[eid] = row[0]
-            self._db.executemany("DELETE FROM entries WHERE id = ?", ids)
-            self._db.executemany("INSERT INTO changes(op, id) VALUES ('del', ?)", ids)
+            removed: dict[int, str] = {}
+            for start in range(0, len(ids), 500):  # one statement per 500 ids, not per id
+                part = ids[start:start + 500]
+                marks = ",".join("?" * len(part))
+                removed.update(self._db.execute(
+                    f"SELECT id, namespace FROM entries WHERE id IN ({marks})", part).fetchall())
+                self._db.execute(f"DELETE FROM entries WHERE id IN ({marks})", part)
+            self._db.executemany("INSERT INTO changes(op, id) VALUES ('del', ?)",
+                                 [(i,) for i in removed])
             self._db.execute("COMMIT")
             self._after_write()
         return removed
