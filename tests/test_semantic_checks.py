@@ -31,6 +31,13 @@ VETO = [
     (SubstitutionCheck(), "What's the largest city in Canada?",
      "What is the largest province in Canada?"),
     (NegationCheck(), "How do I disable 2FA?", "How do I set up 2FA on my phone?"),
+    (NegationCheck(), "How do I enable strict mode in TypeScript?",
+     "how can i switch typescript strict mode off"),
+    (NegationCheck(), "How do I enable read receipts in WhatsApp?",
+     "what's the way to stop whatsapp from sending read receipts"),
+    (NegationCheck(), "Round 4.65 up to one decimal place.", "Round 4.65 down to one decimal place."),
+    (SubstitutionCheck(), "How do I get rid of ants in the kitchen?",
+     "How do I get rid of fruit flies in the kitchen?"),
     (QuestionTypeCheck(), "Why can't I change my username?", "How do I change my username?"),
     # words inserted into an otherwise unchanged question narrow it
     (ScopeCheck(), "How do I read a file in Python?", "How do I read a binary file in Python?"),
@@ -55,6 +62,10 @@ PASS = [
     # words added while the rest was rephrased are left to the content check
     (ScopeCheck(), "Why did the Roman Empire fall?",
      "What were the causes of the fall of the Roman Empire?"),
+    (SubstitutionCheck(), "What is the square root of 144?", "sqrt of 144?"),
+    (SubstitutionCheck(), "How many ounces are in a pound?", "How many oz make up one lb?"),
+    (SubstitutionCheck(), "What foods help with constipation?",
+     "What can I eat to relieve constipation?"),
     (SubstitutionCheck(), "How many centimeters are in an inch?", "how many cm in one inch"),
 ]
 

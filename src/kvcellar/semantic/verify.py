@@ -63,7 +63,11 @@ _ANTONYM_PAIRS = [
     ("synchronous", "asynchronous"), ("valid", "invalid"), ("visible", "invisible"),
     ("approve", "deny"), ("hire", "fire"), ("gain", "lose"), ("profit", "loss"),
     ("deposit", "withdraw"), ("credit", "debit"), ("internal", "external"),
-    ("setup", "disable"), ("setup", "remove"), ("setup", "uninstall"), ("client", "server"), ("front", "back"), ("good", "bad"), ("better", "worse"), ("uppercase", "lowercase"), ("upper", "lower"),
+    ("up", "down"), ("thick", "thin"), ("thicken", "thin"), ("tighten", "loosen"),
+    ("wet", "dry"), ("heat", "cool"), ("warm", "cool"), ("freeze", "thaw"), ("fill", "empty"),
+    ("inflate", "deflate"), ("lengthen", "shorten"), ("widen", "narrow"),
+    ("strengthen", "weaken"), ("benefit", "risk"), ("advantage", "disadvantage"),
+    ("pro", "con"), ("setup", "disable"), ("setup", "remove"), ("setup", "uninstall"), ("client", "server"), ("front", "back"), ("good", "bad"), ("better", "worse"), ("uppercase", "lowercase"), ("upper", "lower"),
 ]
 # Numbers, units and calendar words must agree exactly: a changed one changes the answer.
 _NUMBER_WORDS = {
@@ -188,14 +192,17 @@ def overlap(a: str, b: str) -> float:
 _IDIOMS = re.compile(r"\b(?:no (?:problem|worries|doubt)|not at all|no matter|never mind|"
                      r"nothing like)\b", re.I)
 _SET_UP = re.compile(r"\bset(?:s|ting)?\s+up\b", re.I)
-_SWITCH = re.compile(r"\b(?:turn|switch|shut)(?:s|ed|ing)?\s+(on|off)\b", re.I)
+_SWITCH = re.compile(r"\b(?:turn|switch|shut)(?:s|ed|ing)?\s+((?:[\w-]+\s+){0,3}?)(on|off)\b", re.I)
+# "stop X from sending", "keep X from": the action is prevented, as with a negation
+_PREVENT = re.compile(r"\b(?:stop|keep)(?:s|ped|ping|ing)?\s+(?:[\w'-]+\s+){0,3}?from\b", re.I)
 
 
 @lru_cache(maxsize=16384)
 def _polar_stems(text: str) -> frozenset[str]:
     """Stems with "turn on" read as "enable" and "switch off" as "disable", so "disable 2FA"
     meets its opposite however the candidate phrased it."""
-    text = _SWITCH.sub(lambda m: "enable" if m.group(1).lower() == "on" else "disable", text)
+    text = _SWITCH.sub(lambda m: ("enable " if m.group(2).lower() == "on" else "disable ")
+                       + m.group(1), text)
     text = _SET_UP.sub("setup", text)
     return frozenset(_stem(w) for w in words(text))
 
@@ -214,8 +221,8 @@ class NegationCheck:
 
     def __call__(self, query: str, candidate: str) -> str | None:
         qw, cw = words(_IDIOMS.sub(" ", query)), words(_IDIOMS.sub(" ", candidate))
-        qn = sum(_is_negation(w) for w in qw)
-        cn = sum(_is_negation(w) for w in cw)
+        qn = sum(_is_negation(w) for w in qw) + len(_PREVENT.findall(query))
+        cn = sum(_is_negation(w) for w in cw) + len(_PREVENT.findall(candidate))
         if qn % 2 != cn % 2 and overlap(query, candidate) >= self.min_overlap:
             return "negation differs"
         qs, cs = _polar_stems(query), _polar_stems(candidate)
@@ -469,31 +476,42 @@ for _group in _SYNONYM_GROUPS:
 
 
 class SubstitutionCheck:
-    """Two texts that differ in exactly one content word on each side: one thing swapped for
-    another of the same kind ("chemical symbol for gold" / "... silver", "boiling" / "freezing
-    point", "city" / "province"). Embeddings rate such co-hyponyms as close as synonyms, so
-    only inflections and a small table of everyday synonyms pass."""
+    """Two texts that differ in one or two content words on each side, in the same place of an
+    otherwise unchanged sentence: one thing swapped for another of the same kind ("chemical
+    symbol for gold" / "... silver", "health benefits" / "risks", "ants" / "fruit flies").
+    Embeddings rate such co-hyponyms as close as synonyms, so only inflections, unit spellings
+    and a small table of everyday synonyms pass. A swap inside a rephrased sentence is left to
+    the other checks: rephrasing is what a paraphrase does."""
 
     name = "substitution"
 
-    def __init__(self, max_rewording: int = 1) -> None:
+    def __init__(self, max_rewording: int = 1, max_swapped: int = 2) -> None:
         self.max_rewording = max_rewording
+        self.max_swapped = max_swapped
 
     def __call__(self, query: str, candidate: str) -> str | None:
-        q, c = content_stems(query), content_stems(candidate)
+        q, c = _swap_stems(query), _swap_stems(candidate)
         extra_q, extra_c = q - c, c - q
-        if len(extra_q) != 1 or len(extra_c) != 1 or not (q & c):
+        if not extra_q or not extra_c or not (q & c):
             return None
-        a, b = next(iter(extra_q)), next(iter(extra_c))
-        if {a, b} & set(_NUMBER_WORDS) or any(ch.isdigit() for ch in a + b):
+        if max(len(extra_q), len(extra_c)) > self.max_swapped:
+            return None
+        if _abbreviates(query, candidate, extra_q, extra_c):
+            return None
+        swapped = extra_q | extra_c
+        if swapped & set(_NUMBER_WORDS) or any(ch.isdigit() for w in swapped for ch in w):
             return None  # a changed quantity is the numbers check's call
-        if a.startswith(b) or b.startswith(a) or b in _SYNONYMS.get(a, ()):
-            return None
-        if _UNITS.get(a, a) == _UNITS.get(b, b):  # "cm" / "centimeters"
-            return None
-        if _rewording(query, candidate) > self.max_rewording:
+        for a in extra_q:
+            for b in extra_c:
+                if (a.startswith(b) or b.startswith(a) or b in _SYNONYMS.get(a, ())
+                        or _UNITS.get(a, a) == _UNITS.get(b, b)):  # "cm" / "centimeters"
+                    return None
+        if max(len(extra_q), len(extra_c)) > 1:
+            if not _one_block_replaced(query, candidate, self.max_swapped):
+                return None  # a short phrase for a short phrase, all else unchanged
+        elif _rewording(query, candidate) > self.max_rewording:
             return None  # the sentence was rephrased around the word: a paraphrase's way
-        return f"{a!r} swapped for {b!r}"
+        return f"{'/'.join(sorted(extra_q))!r} swapped for {'/'.join(sorted(extra_c))!r}"
 
 
 _CONTRACTIONS = {"'s": ("is",), "'re": ("are",), "'m": ("am",), "'ve": ("have",),
@@ -528,6 +546,44 @@ def _rewording(query: str, candidate: str) -> int:
     silver" is 0; "Who wrote X?" / "who is the author of X" is 3."""
     same, _, longer = _common_words(query, candidate)
     return longer - same - 1
+
+
+@lru_cache(maxsize=16384)
+def _swap_stems(text: str) -> frozenset[str]:
+    """Content stems with unit spellings made one ("oz" / "ounces", "lb" / "pounds")."""
+    out = set()
+    for w in words(text):
+        if w in STOPWORDS or _is_negation(w):
+            continue
+        singular = w[:-1] if w.endswith("s") and w[:-1] in _UNITS else w
+        out.add(f"unit:{_UNITS[singular]}" if singular in _UNITS and len(singular) > 1
+                else _stem(w.removeprefix("non-")))
+    return frozenset(out)
+
+
+def _abbreviates(query: str, candidate: str, extra_q: set[str], extra_c: set[str]) -> bool:
+    """One side's word abbreviates the other side's words: "sqrt" / "square root"."""
+    for short_side, long_side, text in ((extra_q, extra_c, candidate), (extra_c, extra_q, query)):
+        if len(short_side) != 1:
+            continue
+        short = next(iter(short_side))
+        long_words = [w for w in words(text) if _stem(w) in long_side]
+        joined = "".join(long_words)
+        it = iter(joined)
+        if (len(long_words) > 1 and joined[:1] == short[:1]
+                and all(ch in it for ch in short)):  # a subsequence of the spelled-out words
+            return True
+    return False
+
+
+def _one_block_replaced(query: str, candidate: str, max_words: int) -> bool:
+    """The texts differ in one run of at most `max_words` words replaced by another such run,
+    all else unchanged ("ants" / "fruit flies"; not "foods help with" / "can I eat to")."""
+    q, c = _expanded_words(query), _expanded_words(candidate)
+    ops = [op for op in SequenceMatcher(a=q, b=c, autojunk=False).get_opcodes()
+           if op[0] != "equal"]
+    return (len(ops) == 1 and ops[0][0] == "replace"
+            and max(ops[0][2] - ops[0][1], ops[0][4] - ops[0][3]) <= max_words)
 
 
 def _kept_words_changed(query: str, candidate: str) -> int:
