@@ -56,7 +56,7 @@ class SemanticSettings(_Strict):
     embedding_model: str = DEFAULT_EMBEDDING_MODEL  # or a local sentence-transformers dir
     threshold: float = Field(0.65, ge=0.0, le=1.0)  # cosine similarity of the queries
     context_threshold: float = Field(0.70, ge=0.0, le=1.0)  # per preceding turn
-    context_window: int = Field(3, ge=0)  # preceding turns compared (0: last message only)
+    context_window: int = Field(6, ge=0)  # preceding turns compared (0: last message only)
     candidates: int = Field(8, ge=1, le=256)  # ANN neighbours examined per lookup
     ttl_s: float | None = Field(None, gt=0)  # default entry lifetime; None: until evicted
     max_query_chars: int = Field(16_000, ge=1)

@@ -63,6 +63,7 @@ _ANTONYM_PAIRS = [
     ("synchronous", "asynchronous"), ("valid", "invalid"), ("visible", "invisible"),
     ("approve", "deny"), ("hire", "fire"), ("gain", "lose"), ("profit", "loss"),
     ("deposit", "withdraw"), ("credit", "debit"), ("internal", "external"),
+    ("big", "small"), ("large", "small"), ("long", "short"), ("heavy", "light"),
     ("up", "down"), ("thick", "thin"), ("thicken", "thin"), ("tighten", "loosen"),
     ("wet", "dry"), ("heat", "cool"), ("warm", "cool"), ("freeze", "thaw"), ("fill", "empty"),
     ("inflate", "deflate"), ("lengthen", "shorten"), ("widen", "narrow"),
