@@ -74,6 +74,8 @@ HELD_OUT = {
     "holdout": ("holdout_pairs.jsonl", "holdout_multiturn.jsonl",
                 "written apart from the tuned set; its totals were watched while the gate changed"),
     "holdout2": ("holdout2_pairs.jsonl", "holdout2_multiturn.jsonl",
+                 "evaluated once untouched (76.9% / 8.6%), then its failures shaped the gate"),
+    "holdout3": ("holdout3_pairs.jsonl", "holdout3_multiturn.jsonl",
                  "written by a writer who never saw the gate; evaluated once, after the changes"),
 }
 _JUDGE: list = []  # the model, loaded once when a system asks for the judge
