@@ -68,7 +68,9 @@ _ANTONYM_PAIRS = [
     ("wet", "dry"), ("heat", "cool"), ("warm", "cool"), ("freeze", "thaw"), ("fill", "empty"),
     ("inflate", "deflate"), ("lengthen", "shorten"), ("widen", "narrow"),
     ("strengthen", "weaken"), ("benefit", "risk"), ("advantage", "disadvantage"),
-    ("pro", "con"), ("setup", "disable"), ("setup", "remove"), ("setup", "uninstall"), ("client", "server"), ("front", "back"), ("good", "bad"), ("better", "worse"), ("uppercase", "lowercase"), ("upper", "lower"),
+    ("pro", "con"), ("setup", "disable"), ("setup", "remove"), ("setup", "uninstall"),
+    ("client", "server"), ("front", "back"), ("good", "bad"), ("better", "worse"),
+    ("uppercase", "lowercase"), ("upper", "lower"),
 ]
 # Numbers, units and calendar words must agree exactly: a changed one changes the answer.
 _NUMBER_WORDS = {
@@ -504,8 +506,7 @@ class SubstitutionCheck:
             return None  # a changed quantity is the numbers check's call
         for a in extra_q:
             for b in extra_c:
-                if (a.startswith(b) or b.startswith(a) or b in _SYNONYMS.get(a, ())
-                        or _UNITS.get(a, a) == _UNITS.get(b, b)):  # "cm" / "centimeters"
+                if a.startswith(b) or b.startswith(a) or b in _SYNONYMS.get(a, ()):
                     return None
         if max(len(extra_q), len(extra_c)) > 1:
             if not _one_block_replaced(query, candidate, self.max_swapped):
