@@ -106,3 +106,15 @@ def test_ic_cache_benchmark_quick(tmp_path):
     s = data["summary"]
     assert s["questions"] == 4 and 0 <= s["accuracy_plain"] <= 1 and 0 <= s["accuracy_ic"] <= 1
     assert s["mean_prompt_tokens_ic"] > s["mean_prompt_tokens_plain"]  # the examples were added
+
+
+@pytest.mark.slow
+def test_semantic_cross_encoder_benchmark_quick(tmp_path):
+    data = _run_quick("semantic_cross_encoder.py", tmp_path / "xe.json")
+    assert data["train_pairs"] == 64 and data["test_pairs"] == 30 and 0 <= data["auc"] <= 1
+    systems = data["systems"]
+    rules = systems["rules (shipped gate)"]
+    # one more check can only take hits away from the shipped gate
+    for t in (0.5, 0.9):
+        both = systems[f"rules + cross-encoder >= {t}"]
+        assert both["served"] <= rules["served"] and both["wrong_on_traps"] <= rules["wrong_on_traps"]
