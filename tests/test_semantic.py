@@ -50,9 +50,13 @@ def test_exact_then_semantic_hit_and_negation_trap(make_cache):
     decision = sc.lookup_detailed("How do I disable 2FA on my account?", tenant="t")
     assert decision.hit is None and decision.similarity > 0.85 and "antonym" in decision.reason
     assert decision.rejected_by == "gate:negation"
+    # a farther entry below the threshold ends the search; the closer candidate's reason stands
+    sc.store("What is the boiling point of water?", "100 C at sea level.", tenant="t")
+    decision = sc.lookup_detailed("How do I disable 2FA on my account?", tenant="t")
+    assert decision.rejected_by == "gate:negation" and "antonym" in decision.reason
     stats = sc.stats()
-    assert stats["exact_hits"] == 1 and stats["semantic_hits"] == 1 and stats["misses"] == 1
-    assert stats["rejections"]["gate:negation"] == 1
+    assert stats["exact_hits"] == 1 and stats["semantic_hits"] == 1 and stats["misses"] == 2
+    assert stats["rejections"]["gate:negation"] == 2 and stats["rejections"]["threshold"] == 1
 
 
 def test_dataset_sample_traps_rejected_paraphrases_served(make_cache):

@@ -345,10 +345,11 @@ class SemanticCache:
         floor = self._lowest_threshold() if ins.endswith(":q") else -1.0
         for label, ann_sim in self.indexes.search(ins, index_vec, self.settings.candidates):
             if ann_sim < floor - 1e-4:
-                if best.similarity is None:
-                    best = Decision(None, category, ann_sim, label,
-                                    f"similarity {ann_sim:.3f} below threshold {floor:.3f}")
-                self._reject(best, "threshold")
+                below = self._reject(Decision(
+                    None, category, ann_sim, label,
+                    f"similarity {ann_sim:.3f} below threshold {floor:.3f}"), "threshold")
+                if best.similarity is None:  # else a closer candidate's reason stands
+                    best = below
                 break
             entry = self.backend.get(label)
             if entry is None or entry.namespace != ins:
