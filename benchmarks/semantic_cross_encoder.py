@@ -33,19 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine_info import machine
 from rich.console import Console
 from rich.table import Table
+from semantic_cache import _load
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE / "data" / "semantic"
 RESULTS = HERE / "results"
 TRAIN = ("pairs.jsonl", "holdout_pairs.jsonl", "holdout2_pairs.jsonl")
 TEST = "holdout3_pairs.jsonl"
 FACT_CHECKS = frozenset({"negation", "question", "numbers", "entities"})
 THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.98)
 console = Console(width=140)
-
-
-def _load(name: str) -> list[dict]:
-    return [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]
 
 
 def train_cross_encoder(pairs: list[dict], epochs: int, lr: float, seed: int):

@@ -201,6 +201,13 @@ _PREVENT = re.compile(r"\b(?:stop|keep)(?:s|ped|ping|ing)?\s+(?:[\w'-]+\s+){0,3}
 
 
 @lru_cache(maxsize=16384)
+def _negation_count(text: str) -> int:
+    """Negating words and "stop X from" phrases; set phrases like "no problem" negate nothing."""
+    return (sum(_is_negation(w) for w in words(_IDIOMS.sub(" ", text)))
+            + len(_PREVENT.findall(text)))
+
+
+@lru_cache(maxsize=16384)
 def _polar_stems(text: str) -> frozenset[str]:
     """Stems with "turn on" read as "enable" and "switch off" as "disable", so "disable 2FA"
     meets its opposite however the candidate phrased it."""
@@ -223,9 +230,7 @@ class NegationCheck:
         self.min_overlap = min_overlap
 
     def __call__(self, query: str, candidate: str) -> str | None:
-        qw, cw = words(_IDIOMS.sub(" ", query)), words(_IDIOMS.sub(" ", candidate))
-        qn = sum(_is_negation(w) for w in qw) + len(_PREVENT.findall(query))
-        cn = sum(_is_negation(w) for w in cw) + len(_PREVENT.findall(candidate))
+        qn, cn = _negation_count(query), _negation_count(candidate)
         if qn % 2 != cn % 2 and overlap(query, candidate) >= self.min_overlap:
             return "negation differs"
         qs, cs = _polar_stems(query), _polar_stems(candidate)
@@ -535,18 +540,21 @@ def _expanded_words(text: str) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=16384)
-def _common_words(query: str, candidate: str) -> tuple[int, int, int]:
-    """(words in common as one ordered sequence, shorter length, longer length)."""
+def _word_diff(query: str, candidate: str) -> tuple[int, int, int, tuple]:
+    """One word-level diff per pair: (words in common as one ordered sequence, shorter
+    length, longer length, the non-equal opcodes)."""
     q, c = _expanded_words(query), _expanded_words(candidate)
-    same = sum(b.size for b in SequenceMatcher(a=q, b=c, autojunk=False).get_matching_blocks())
-    return same, min(len(q), len(c)), max(len(q), len(c))
+    ops = SequenceMatcher(a=q, b=c, autojunk=False).get_opcodes()
+    same = sum(i2 - i1 for tag, i1, i2, _, _ in ops if tag == "equal")
+    return same, min(len(q), len(c)), max(len(q), len(c)), tuple(
+        op for op in ops if op[0] != "equal")
 
 
 def _rewording(query: str, candidate: str) -> int:
     """Words changed around a swap: the larger side's count of words outside the longest
     common word sequence, less the swapped word itself. "symbol for gold" / "symbol for
     silver" is 0; "Who wrote X?" / "who is the author of X" is 3."""
-    same, _, longer = _common_words(query, candidate)
+    same, _, longer, _ = _word_diff(query, candidate)
     return longer - same - 1
 
 
@@ -581,9 +589,7 @@ def _abbreviates(query: str, candidate: str, extra_q: set[str], extra_c: set[str
 def _one_block_replaced(query: str, candidate: str, max_words: int) -> bool:
     """The texts differ in one run of at most `max_words` words replaced by another such run,
     all else unchanged ("ants" / "fruit flies"; not "foods help with" / "can I eat to")."""
-    q, c = _expanded_words(query), _expanded_words(candidate)
-    ops = [op for op in SequenceMatcher(a=q, b=c, autojunk=False).get_opcodes()
-           if op[0] != "equal"]
+    ops = _word_diff(query, candidate)[3]
     return (len(ops) == 1 and ops[0][0] == "replace"
             and max(ops[0][2] - ops[0][1], ops[0][4] - ops[0][3]) <= max_words)
 
@@ -591,7 +597,7 @@ def _one_block_replaced(query: str, candidate: str, max_words: int) -> bool:
 def _kept_words_changed(query: str, candidate: str) -> int:
     """Words of the shorter text missing from the common sequence: 0 when the longer text is
     the shorter one with words inserted ("read a file" / "read a binary file")."""
-    same, shorter, _ = _common_words(query, candidate)
+    same, shorter, _, _ = _word_diff(query, candidate)
     return shorter - same
 
 
