@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect or clear the local cache tiers.")
 app.add_typer(cache_app, name="cache")
+semantic_app = typer.Typer(no_args_is_help=True, help="Semantic response cache tools.")
+app.add_typer(semantic_app, name="semantic")
 console = Console()
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file")]
@@ -414,6 +416,51 @@ def cache_clear(
         tier.clear()
         tier.close()
         console.print(f"cleared {n} entries from the {tier.name} tier at {path}")
+
+
+VERIFIER_DATA = "benchmarks/data/semantic"
+VERIFIER_FILES = ("pairs.jsonl", "holdout_pairs.jsonl", "holdout2_pairs.jsonl", "train/*.jsonl")
+
+
+@semantic_app.command("train-verifier")
+def semantic_train_verifier(
+    out: Annotated[Path, typer.Option(help="directory to write the trained verifier to")],
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(help="JSON-lines files of labelled pairs {a, b, same} (repeatable); default: "
+                          f"the development sets under {VERIFIER_DATA}/ of this checkout"),
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 3,
+    lr: Annotated[float, typer.Option(min=0.0)] = 3e-5,
+    seed: int = 0,
+) -> None:
+    """Fine-tune the verification gate's cross-encoder on labelled question pairs.
+
+    Use it with `verifier_path: DIR` in the semantic cache settings."""
+    from rich.progress import Progress
+
+    from kvcellar.semantic.verifier import load_pairs, train_verifier
+
+    if not data:
+        root = Path(VERIFIER_DATA)
+        data = sorted(f for pattern in VERIFIER_FILES for f in root.glob(pattern))
+        if not data:
+            console.print(f"[red]error:[/red] no {VERIFIER_DATA}/ here: run from the repository "
+                          "root or pass --data FILE")
+            raise typer.Exit(2)
+    try:
+        pairs = load_pairs(data)
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"training on {len(pairs)} pairs", total=None)
+            meta = train_verifier(pairs, out, epochs=epochs, lr=lr, seed=seed,
+                                  progress=lambda step, steps, _loss: bar.update(
+                                      task, completed=step, total=steps))
+    except (KvcellarError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"trained on {meta['pairs']} pairs from {len(data)} files in "
+                  f"{meta['train_s']:.0f} s; loss per epoch "
+                  f"{', '.join(f'{x:.3f}' for x in meta['losses'])}; saved to {out}")
 
 
 def _fmt_bytes(n: float) -> str:

@@ -191,6 +191,11 @@ class SemanticCache:
                 from kvcellar.semantic.judge import LLMJudgeCheck
 
                 checks.append(LLMJudgeCheck(judge_runner, settings.judge_min_yes))
+            if settings.verifier_path:
+                from kvcellar.semantic.verifier import PairVerifier, VerifierCheck
+
+                checks.append(VerifierCheck(PairVerifier(settings.verifier_path),
+                                            settings.verifier_min_probability))
             gate = VerificationGate(checks)
         self.gate = gate
         self.indexes = IndexSet(

@@ -1,0 +1,160 @@
+"""A cross-encoder trained on labelled question pairs, as one more check in the gate.
+
+The rule checks catch a changed name, figure or negation when the rest of the question is kept,
+but not a trap that rewords and changes meaning at once ("shower pressure is way too strong, how
+do I turn it down" against "how do I increase shower pressure"), and they turn away paraphrases
+that replace every content word. A cross-encoder reads both questions together, so it can learn
+both from labelled pairs. It starts from the packaged all-MiniLM-L6-v2 weights (no download) and
+is trained with `kvcellar semantic train-verifier` on the labelled pairs in
+`benchmarks/data/semantic/`; its quality is measured in `benchmarks/semantic_cross_encoder.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from kvcellar.errors import ConfigError
+from kvcellar.semantic.lru import LRU
+
+MAX_TOKENS = 96  # two questions; longer ones are cut (the start carries what is asked)
+META_FILE = "kvcellar_verifier.json"
+
+
+def load_pairs(paths: Iterable[str | Path]) -> list[dict]:
+    """Labelled pairs from JSON-lines files: {"a": ..., "b": ..., "same": bool, ...}."""
+    pairs: list[dict] = []
+    for path in paths:
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                pairs.append({"a": str(row["a"]), "b": str(row["b"]), "same": bool(row["same"])})
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"{path}:{n}: not a labelled pair ({exc})") from exc
+    return pairs
+
+
+class PairVerifier:
+    """P(same question) for (query, candidate) from a trained cross-encoder directory."""
+
+    def __init__(self, path: str | Path, cache_size: int = 4096, threads: int | None = None
+                 ) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = Path(path).expanduser()
+        if not (path / META_FILE).is_file():
+            raise ConfigError(f"{path} is not a trained verifier (no {META_FILE}); train one with "
+                              "`kvcellar semantic train-verifier --out DIR`")
+        self.meta = json.loads((path / META_FILE).read_text())
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+        if threads:
+            torch.set_num_threads(threads)
+        self._cache: LRU[tuple[str, str], float] = LRU(cache_size)
+
+    def scores(self, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> np.ndarray:
+        """P(same) for each (query, candidate); both orders are averaged (the model is trained
+        on both, and the average removes what order alone decides)."""
+        todo = [p for p in dict.fromkeys(pairs) if self._cache.get(p) is None]
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            p1 = self._forward([q for q, _ in batch], [c for _, c in batch])
+            p2 = self._forward([c for _, c in batch], [q for q, _ in batch])
+            for pair, a, b in zip(batch, p1, p2, strict=True):
+                self._cache.put(pair, (a + b) / 2)
+        return np.array([self._cache.get(p) for p in pairs], dtype=np.float64)
+
+    def _forward(self, first: list[str], second: list[str]) -> list[float]:
+        enc = self.tokenizer(first, second, padding=True, truncation=True,
+                             max_length=MAX_TOKENS, return_tensors="pt")
+        with self._torch.no_grad():
+            logits = self.model(**enc).logits.reshape(-1)
+        return self._torch.sigmoid(logits).tolist()
+
+    def probability_same(self, query: str, candidate: str) -> float:
+        return float(self.scores([(query, candidate)])[0])
+
+
+class VerifierCheck:
+    """Vetoes a candidate the trained verifier scores below `min_probability`."""
+
+    name = "verifier"
+
+    def __init__(self, verifier: PairVerifier, min_probability: float = 0.5) -> None:
+        self.verifier = verifier
+        self.min_probability = min_probability
+
+    def __call__(self, query: str, candidate: str) -> str | None:
+        p = self.verifier.probability_same(query, candidate)
+        if p < self.min_probability:
+            return f"trained verifier says different (P(same) = {p:.2f})"
+        return None
+
+
+def train_verifier(
+    pairs: Sequence[dict], out_dir: str | Path, *, base_model: str | Path | None = None,
+    epochs: int = 3, lr: float = 3e-5, batch_size: int = 16, seed: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict:
+    """Fine-tune a cross-encoder on labelled pairs (each in both orders) and save it.
+
+    Deterministic for a given seed, data and thread count. Returns what was recorded in the
+    directory's metadata file (data size, losses per epoch, seconds)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kvcellar.semantic.embed import resolve_model_dir
+
+    if not pairs:
+        raise ConfigError("no labelled pairs to train the verifier on")
+    base = Path(base_model) if base_model else resolve_model_dir("all-MiniLM-L6-v2")
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1)
+    examples = [(p["a"], p["b"], float(p["same"])) for p in pairs]
+    examples += [(b, a, y) for a, b, y in examples]
+    steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps))
+    model.train()
+    t0, step, losses = time.perf_counter(), 0, []
+    for _ in range(epochs):
+        rng.shuffle(examples)
+        total = 0.0
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i:i + batch_size]
+            enc = tokenizer([x[0] for x in batch], [x[1] for x in batch], padding=True,
+                            truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+            logits = model(**enc).logits.reshape(-1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, torch.tensor([x[2] for x in batch]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(batch)
+            step += 1
+            if progress:
+                progress(step, steps, loss.item())
+        losses.append(total / len(examples))
+    model.eval()
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    meta = {"base_model": str(base), "pairs": len(pairs), "epochs": epochs, "lr": lr,
+            "batch_size": batch_size, "seed": seed, "losses": losses,
+            "train_s": round(time.perf_counter() - t0, 1)}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
