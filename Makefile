@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both install what they need first.
 PYTHON ?= python3
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench verifier
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -18,3 +18,9 @@ lint:
 
 bench: install
 	$(PYTHON) benchmarks/multi_round_qa.py
+
+# The semantic cache's trained verifier (~25 min on 2 cores); use it with
+# `verifier_path: ~/.cache/kvcellar/verifier` in the semantic settings.
+VERIFIER_DIR ?= $(HOME)/.cache/kvcellar/verifier
+verifier: install
+	$(PYTHON) -m kvcellar semantic train-verifier --out $(VERIFIER_DIR)

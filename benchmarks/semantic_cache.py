@@ -76,8 +76,12 @@ HELD_OUT = {
     "holdout2": ("holdout2_pairs.jsonl", "holdout2_multiturn.jsonl",
                  "evaluated once untouched (76.9% / 8.6%), then its failures shaped the gate"),
     "holdout3": ("holdout3_pairs.jsonl", "holdout3_multiturn.jsonl",
-                 "written by a writer who never saw the gate; evaluated once, after the changes"),
+                 "written by a writer who never saw the gate; evaluated once after the rule "
+                 "changes; then the validation set of the trained verifier"),
+    "holdout4": ("holdout4_pairs.jsonl", "holdout4_multiturn.jsonl",
+                 "written by a writer who never saw the gate; evaluated once, at the end"),
 }
+FACT_CHECKS = ["negation", "question", "numbers", "entities"]
 _JUDGE: list = []  # the model, loaded once when a system asks for the judge
 TARGET_SERVED, TARGET_WRONG, TARGET_P50_MS = 0.80, 0.02, 1.0
 
@@ -519,6 +523,10 @@ def run(args: argparse.Namespace) -> dict:
     res: dict = {"baselines": notes}
     # the judge costs a prefill per judged candidate: full runs only
     systems = {k: v for k, v in SYSTEMS.items() if not (args.quick and v.get("judge"))}
+    if args.verifier:  # a trained verifier (benchmarks/semantic_verifier.py --save DIR)
+        v = {"verifier_path": str(args.verifier), "verifier_min_probability": args.verifier_min}
+        systems["kvcellar + verifier"] = v
+        systems["kvcellar + verifier, fact checks"] = v | {"checks": FACT_CHECKS}
     res["accuracy"] = accuracy(emb, pairs, multiturn, systems)
     for key, (pairs_file, multi_file, _) in HELD_OUT.items():
         if (DATA / pairs_file).exists() and (DATA / multi_file).exists():
@@ -582,6 +590,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--reuse-latency", type=Path, default=None,
                    help="take section c from this earlier results file instead of measuring")
+    p.add_argument("--verifier", type=Path, default=None,
+                   help="a trained verifier directory: adds the systems that use it")
+    p.add_argument("--verifier-min", type=float, default=0.5,
+                   help="verifier_min_probability of those systems")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging

@@ -109,12 +109,16 @@ def test_ic_cache_benchmark_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_semantic_cross_encoder_benchmark_quick(tmp_path):
-    data = _run_quick("semantic_cross_encoder.py", tmp_path / "xe.json")
-    assert data["train_pairs"] == 64 and data["test_pairs"] == 30 and 0 <= data["auc"] <= 1
-    systems = data["systems"]
-    rules = systems["rules (shipped gate)"]
-    # one more check can only take hits away from the shipped gate
-    for t in (0.5, 0.9):
-        both = systems[f"rules + cross-encoder >= {t}"]
-        assert both["served"] <= rules["served"] and both["wrong_on_traps"] <= rules["wrong_on_traps"]
+def test_semantic_verifier_benchmark_quick(tmp_path):
+    data = _run_quick("semantic_verifier.py", tmp_path / "ver.json")
+    assert data["training"]["pairs"] > 3000 and data["training"]["dropped_near_test"] > 0
+    for key in ("holdout3", "holdout4"):
+        res = data[key]
+        assert res["pairs"] == 30 and 0 <= res["auc"] <= 1
+        systems = res["systems"]
+        rules = systems["rules (default gate)"]
+        # one more check can only take hits away from the default gate
+        for t in (0.5, 0.9):
+            both = systems[f"rules + verifier >= {t}"]
+            assert both["served"] <= rules["served"]
+            assert both["wrong_on_traps"] <= rules["wrong_on_traps"]

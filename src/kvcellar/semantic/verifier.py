@@ -64,14 +64,16 @@ class PairVerifier:
     def scores(self, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> np.ndarray:
         """P(same) for each (query, candidate); both orders are averaged (the model is trained
         on both, and the average removes what order alone decides)."""
-        todo = [p for p in dict.fromkeys(pairs) if self._cache.get(p) is None]
+        known = {p: self._cache.get(p) for p in dict.fromkeys(pairs)}
+        todo = [p for p, score in known.items() if score is None]
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
             p1 = self._forward([q for q, _ in batch], [c for _, c in batch])
             p2 = self._forward([c for _, c in batch], [q for q, _ in batch])
             for pair, a, b in zip(batch, p1, p2, strict=True):
-                self._cache.put(pair, (a + b) / 2)
-        return np.array([self._cache.get(p) for p in pairs], dtype=np.float64)
+                known[pair] = (a + b) / 2
+                self._cache.put(pair, known[pair])
+        return np.array([known[p] for p in pairs], dtype=np.float64)
 
     def _forward(self, first: list[str], second: list[str]) -> list[float]:
         enc = self.tokenizer(first, second, padding=True, truncation=True,
