@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from kvcellar import SemanticCache
 from kvcellar.cli import app
 from kvcellar.errors import ConfigError
-from kvcellar.semantic.verifier import META_FILE, PairVerifier, load_pairs
+from kvcellar.semantic.verifier import META_FILE, PairVerifier, VerifierCheck, load_pairs
 
 DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "semantic"
 cli = CliRunner()
@@ -67,6 +67,8 @@ def test_verifier_is_a_gate_check(trained, embedder, tmp_path):
     decision = strict.lookup_detailed(paraphrase)
     assert decision.hit is None and decision.rejected_by == "gate:verifier"
     assert "trained verifier" in decision.reason
+    same_text = VerifierCheck(PairVerifier(path), min_probability=1.0)
+    assert same_text("What other books did she write?", "what other books did she write") is None
     lenient = SemanticCache(embedder=embedder, path=":memory:", verifier_path=str(path),
                             verifier_min_probability=0.0)
     lenient.store(query, "Hold the reset button for 10 seconds.")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kvcellar.errors import ConfigError
+from kvcellar.semantic.cache import normalize_text
 from kvcellar.semantic.lru import LRU
 
 MAX_TOKENS = 96  # two questions; longer ones are cut (the start carries what is asked)
@@ -96,6 +97,10 @@ class VerifierCheck:
         self.min_probability = min_probability
 
     def __call__(self, query: str, candidate: str) -> str | None:
+        if normalize_text(query) == normalize_text(candidate):
+            # the same question (a follow-up asked in two conversations): no pair in the
+            # training data is identical, so the model's score says nothing here
+            return None
         p = self.verifier.probability_same(query, candidate)
         if p < self.min_probability:
             return f"trained verifier says different (P(same) = {p:.2f})"
