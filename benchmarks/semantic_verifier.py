@@ -97,7 +97,7 @@ def evaluate(test: list[dict], probs: np.ndarray, emb) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     from kvcellar.semantic.embed import Embedder
-    from kvcellar.semantic.verifier import PairVerifier, train_verifier
+    from kvcellar.semantic.verifier import META_FILE, PairVerifier, train_verifier
 
     emb = Embedder()
     tests = {k: _load(f) for k, (f, _) in TESTS.items()}
@@ -107,10 +107,18 @@ def run(args: argparse.Namespace) -> dict:
     if args.quick:
         train = train[:64]
     with tempfile.TemporaryDirectory(prefix="verifier") as tmp:
-        out = args.save or Path(tmp)
-        meta = train_verifier(train, out, epochs=args.epochs, lr=args.lr, seed=args.seed)
+        if args.reuse:
+            out = args.reuse
+            meta = json.loads((out / META_FILE).read_text())
+            want = {"pairs": len(train), "epochs": args.epochs, "lr": args.lr, "seed": args.seed}
+            if {k: meta.get(k) for k in want} != want:
+                raise SystemExit(f"{out} was trained with {meta}, not {want}")
+        else:
+            out = args.save or Path(tmp)
+            meta = train_verifier(train, out, epochs=args.epochs, lr=args.lr, seed=args.seed)
         verifier = PairVerifier(out)
-        res = {"training": data | meta, "saved_to": str(args.save) if args.save else None}
+        res = {"training": data | meta, "saved_to": str(args.save) if args.save else None,
+               "reused": str(args.reuse) if args.reuse else None}
         for key, test in tests.items():
             probs = verifier.scores([(p["b"], p["a"]) for p in test])
             res[key] = evaluate(test, probs, emb) | {"role": TESTS[key][1]}
@@ -122,9 +130,12 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: 64 training pairs, 1 epoch")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", type=Path, default=None, help="keep the trained verifier here")
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="score a verifier this script trained before (--save) instead of "
+                        "training again; refused unless its recorded data and settings match")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     if args.epochs is None:

@@ -2,7 +2,7 @@
 
 A tiny training run (32 labelled pairs, 6 epochs) is enough to check the plumbing and that
 the model fits what it was shown; its accuracy on unseen pairs is measured in
-benchmarks/semantic_cross_encoder.py, not here."""
+benchmarks/semantic_verifier.py, not here."""
 
 from __future__ import annotations
 

@@ -431,7 +431,7 @@ def semantic_train_verifier(
                           f"the development sets under {VERIFIER_DATA}/ of this checkout"),
     ] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 3,
-    lr: Annotated[float, typer.Option(min=0.0)] = 3e-5,
+    lr: Annotated[float, typer.Option(min=0.0)] = 5e-5,
     seed: int = 0,
 ) -> None:
     """Fine-tune the verification gate's cross-encoder on labelled question pairs.

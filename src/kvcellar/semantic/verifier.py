@@ -6,7 +6,7 @@ do I turn it down" against "how do I increase shower pressure"), and they turn a
 that replace every content word. A cross-encoder reads both questions together, so it can learn
 both from labelled pairs. It starts from the packaged all-MiniLM-L6-v2 weights (no download) and
 is trained with `kvcellar semantic train-verifier` on the labelled pairs in
-`benchmarks/data/semantic/`; its quality is measured in `benchmarks/semantic_cross_encoder.py`.
+`benchmarks/data/semantic/`; its quality is measured in `benchmarks/semantic_verifier.py`.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class VerifierCheck:
 
 def train_verifier(
     pairs: Sequence[dict], out_dir: str | Path, *, base_model: str | Path | None = None,
-    epochs: int = 3, lr: float = 3e-5, batch_size: int = 16, seed: int = 0,
+    epochs: int = 3, lr: float = 5e-5, batch_size: int = 16, seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> dict:
     """Fine-tune a cross-encoder on labelled pairs (each in both orders) and save it.
