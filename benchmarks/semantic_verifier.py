@@ -45,7 +45,7 @@ TESTS = {"holdout3": ("holdout3_pairs.jsonl", "validation: the combination and t
                       "chosen on it"),
          "holdout4": ("holdout4_pairs.jsonl", "test: evaluated after that choice")}
 FACT_CHECKS = ("negation", "question", "numbers", "entities")
-THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
+THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9)
 NEAR = 0.85  # a training pair this close to a test question is dropped
 console = Console(width=140)
 
