@@ -40,7 +40,6 @@ from semantic_cache import DATA, _load
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-TRAIN = ("pairs.jsonl", "holdout_pairs.jsonl", "holdout2_pairs.jsonl", "train/*.jsonl")
 TESTS = {"holdout3": ("holdout3_pairs.jsonl", "validation: the combination and threshold were "
                       "chosen on it"),
          "holdout4": ("holdout4_pairs.jsonl", "test: evaluated after that choice")}
@@ -51,14 +50,16 @@ console = Console(width=140)
 
 
 def training_pairs(test_texts: list[str], emb) -> tuple[list[dict], dict]:
-    files = sorted(f for pattern in TRAIN for f in DATA.glob(pattern))
+    from kvcellar.semantic.verifier import TRAINING_FILES
+
+    files = [f for pattern in TRAINING_FILES for f in sorted(DATA.glob(pattern))]
     pairs = [p for f in files for p in _load(str(f.relative_to(DATA)))]
     tv = emb.encode(sorted(set(test_texts)))
     near = np.zeros(len(pairs), bool)
     for side in ("a", "b"):
         near |= (emb.encode([p[side] for p in pairs]) @ tv.T).max(axis=1) > NEAR
     kept = [p for p, n in zip(pairs, near, strict=True) if not n]
-    return kept, {"files": [str(f.relative_to(DATA)) for f in files], "pairs": len(pairs),
+    return kept, {"files": [str(f.relative_to(DATA)) for f in files], "labelled_pairs": len(pairs),
                   "dropped_near_test": int(near.sum()), "kept": len(kept)}
 
 

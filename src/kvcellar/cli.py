@@ -419,7 +419,6 @@ def cache_clear(
 
 
 VERIFIER_DATA = "benchmarks/data/semantic"
-VERIFIER_FILES = ("pairs.jsonl", "holdout_pairs.jsonl", "holdout2_pairs.jsonl", "train/*.jsonl")
 
 
 @semantic_app.command("train-verifier")
@@ -439,11 +438,11 @@ def semantic_train_verifier(
     Use it with `verifier_path: DIR` in the semantic cache settings."""
     from rich.progress import Progress
 
-    from kvcellar.semantic.verifier import load_pairs, train_verifier
+    from kvcellar.semantic.verifier import TRAINING_FILES, load_pairs, train_verifier
 
     if not data:
         root = Path(VERIFIER_DATA)
-        data = sorted(f for pattern in VERIFIER_FILES for f in root.glob(pattern))
+        data = [f for pattern in TRAINING_FILES for f in sorted(root.glob(pattern))]
         if not data:
             console.print(f"[red]error:[/red] no {VERIFIER_DATA}/ here: run from the repository "
                           "root or pass --data FILE")
