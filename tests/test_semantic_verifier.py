@@ -80,6 +80,11 @@ def test_verifier_is_a_gate_check(trained, embedder, tmp_path):
 def test_missing_verifier_and_bad_data_are_clear_errors(embedder, tmp_path):
     with pytest.raises(ConfigError, match="not a trained verifier"):
         SemanticCache(embedder=embedder, path=":memory:", verifier_path=str(tmp_path))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / META_FILE).write_text("{}")  # the weights never written (an interrupted training)
+    with pytest.raises(ConfigError, match="cannot be loaded"):
+        PairVerifier(broken)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"a": "x", "b": "y", "same": true}\n{"a": "only a"}\n')
     with pytest.raises(ConfigError, match=r"bad\.jsonl:2"):

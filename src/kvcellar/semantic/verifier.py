@@ -48,8 +48,7 @@ def load_pairs(paths: Iterable[str | Path]) -> list[dict]:
 class PairVerifier:
     """P(same question) for (query, candidate) from a trained cross-encoder directory."""
 
-    def __init__(self, path: str | Path, cache_size: int = 4096, threads: int | None = None
-                 ) -> None:
+    def __init__(self, path: str | Path, cache_size: int = 4096) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -57,12 +56,14 @@ class PairVerifier:
         if not (path / META_FILE).is_file():
             raise ConfigError(f"{path} is not a trained verifier (no {META_FILE}); train one with "
                               "`kvcellar semantic train-verifier --out DIR`")
-        self.meta = json.loads((path / META_FILE).read_text())
+        try:
+            self.meta = json.loads((path / META_FILE).read_text())
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+            self.model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+        except (OSError, ValueError) as exc:  # truncated weights, missing tokenizer, bad JSON
+            raise ConfigError(f"the trained verifier in {path} cannot be loaded ({exc}); train "
+                              "it again") from exc
         self._torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
-        if threads:
-            torch.set_num_threads(threads)
         self._cache: LRU[tuple[str, str], float] = LRU(cache_size)
 
     def scores(self, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> np.ndarray:
