@@ -36,24 +36,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine_info import machine
 from rich.console import Console
 from rich.table import Table
-from semantic_cache import DATA, _load
+from semantic_cache import DATA, FACT_CHECKS, _load
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 TESTS = {"holdout3": ("holdout3_pairs.jsonl", "validation: the combination and threshold were "
                       "chosen on it"),
          "holdout4": ("holdout4_pairs.jsonl", "test: evaluated after that choice")}
-FACT_CHECKS = ("negation", "question", "numbers", "entities")
 THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9)
 NEAR = 0.85  # a training pair this close to a test question is dropped
 console = Console(width=140)
 
 
 def training_pairs(test_texts: list[str], emb) -> tuple[list[dict], dict]:
-    from kvcellar.semantic.verifier import TRAINING_FILES
+    from kvcellar.semantic.verifier import TRAINING_FILES, load_pairs
 
     files = [f for pattern in TRAINING_FILES for f in sorted(DATA.glob(pattern))]
-    pairs = [p for f in files for p in _load(str(f.relative_to(DATA)))]
+    pairs = load_pairs(files)
     tv = emb.encode(sorted(set(test_texts)))
     near = np.zeros(len(pairs), bool)
     for side in ("a", "b"):
@@ -68,7 +67,7 @@ def rule_verdicts(test: list[dict], emb) -> dict[str, np.ndarray]:
     from kvcellar import SemanticCache
 
     full = SemanticCache(embedder=emb, path=":memory:")
-    fact = SemanticCache(embedder=emb, path=":memory:", checks=list(FACT_CHECKS))
+    fact = SemanticCache(embedder=emb, path=":memory:", checks=FACT_CHECKS)
     va, vb = emb.encode([p["a"] for p in test]), emb.encode([p["b"] for p in test])
     out = {"above": (va * vb).sum(axis=1) >= full.settings.threshold,
            "rules": np.array([full.gate.verify(p["b"], p["a"]).ok for p in test]),
