@@ -79,6 +79,9 @@ HELD_OUT = {
                  "written by a writer who never saw the gate; evaluated once after the rule "
                  "changes; then the validation set of the trained verifier"),
     "holdout4": ("holdout4_pairs.jsonl", "holdout4_multiturn.jsonl",
+                 "written by a writer who never saw the gate; the previous round's test set "
+                 "(its errors were read)"),
+    "holdout5": ("holdout5_pairs.jsonl", "holdout5_multiturn.jsonl",
                  "written by a writer who never saw the gate; evaluated once, at the end"),
 }
 FACT_CHECKS = ["negation", "question", "numbers", "entities"]
@@ -526,7 +529,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.verifier:  # a trained verifier (benchmarks/semantic_verifier.py --save DIR)
         v = {"verifier_path": str(args.verifier), "verifier_min_probability": args.verifier_min}
         systems["kvcellar + verifier"] = v
-        systems["kvcellar + verifier, fact checks"] = v | {"checks": FACT_CHECKS}
+        systems["kvcellar + verifier, fact checks"] = v | {
+            "checks": FACT_CHECKS, "context_checks": [*FACT_CHECKS, "substitution"]}
     res["accuracy"] = accuracy(emb, pairs, multiturn, systems)
     for key, (pairs_file, multi_file, _) in HELD_OUT.items():
         if (DATA / pairs_file).exists() and (DATA / multi_file).exists():
@@ -603,7 +607,7 @@ def main() -> None:
                    help="take section c from this earlier results file instead of measuring")
     p.add_argument("--verifier", type=Path, default=None,
                    help="a trained verifier directory: adds the systems that use it")
-    p.add_argument("--verifier-min", type=float, default=0.5,
+    p.add_argument("--verifier-min", type=float, default=0.8,
                    help="verifier_min_probability of those systems")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -122,6 +122,27 @@ def test_context_chain_separates_conversations(make_cache):
     assert hit is not None and hit.response == "Japan answer"
 
 
+def test_context_checks_set_apart_from_the_query_checks(make_cache):
+    """checks: facts only (as when a trained verifier does the wording), context_checks keep
+    the swap check for earlier turns: hotels vs flights in the first turn is a miss."""
+    hotels = [{"role": "user", "content": "I'm looking at hotels in Lisbon for next weekend."},
+              {"role": "assistant", "content": "Lisbon is busy then, so book early."},
+              {"role": "user", "content": "Which area is best?"}]
+    flights = [dict(hotels[0], content="I'm looking at flights in Lisbon for next weekend."),
+               *hotels[1:]]
+    facts = ["negation", "question", "numbers", "entities"]
+    loose = make_cache(path=":memory:", checks=facts)
+    loose.store(hotels, "Stay in Baixa.", tenant="t")
+    assert loose.lookup(flights, tenant="t") is not None
+    held = make_cache(path=":memory:", checks=facts, context_checks=[*facts, "substitution"])
+    held.store(hotels, "Stay in Baixa.", tenant="t")
+    decision = held.lookup_detailed(flights, tenant="t")
+    assert decision.hit is None and decision.rejected_by == "gate:substitution"
+    assert held.lookup(hotels, tenant="t") is not None
+    with pytest.raises(ConfigError, match="unknown verification check 'spelling'"):
+        make_cache(path=":memory:", context_checks=["spelling"])
+
+
 def test_multiturn_sample_from_the_dataset(make_cache):
     wrong = 0
     rows = [r for r in _load("multiturn.jsonl") if not r["same"]][:15]

@@ -67,6 +67,8 @@ PASS = [
     (SubstitutionCheck(), "What foods help with constipation?",
      "What can I eat to relieve constipation?"),
     (SubstitutionCheck(), "How many centimeters are in an inch?", "how many cm in one inch"),
+    # "I've" mid-sentence is the speaker, not a name
+    (EntityCheck(), "I'm flying to Tokyo next month.", "Next month I've got a flight to Tokyo."),
 ]
 
 
@@ -102,3 +104,19 @@ def test_earlier_turns_held_to_facts_and_swaps_not_to_wording():
     idiom = gate.verify(q, q, ["assistant: Sure, you can return items within 30 days."],
                         ["assistant: No problem, items can be returned within 30 days."])
     assert idiom.ok
+
+
+def test_earlier_turns_can_have_checks_of_their_own():
+    """A verifier may replace the query's wording checks while earlier turns keep the swap
+    check: one swapped word in an earlier turn changes what "it" is."""
+    q = "How do I install it?"
+    facts = [NegationCheck(), NumberDateCheck(), EntityCheck()]
+    hotel = ["user: I'm looking at hotels in Lisbon for next weekend."]
+    flight = ["user: I'm looking at flights in Lisbon for next weekend."]
+    assert VerificationGate(facts).verify(q, q, hotel, flight).ok
+    held = VerificationGate(facts, context_checks=[*facts, SubstitutionCheck()])
+    verdict = held.verify(q, q, hotel, flight)
+    assert not verdict.ok and verdict.check == "substitution"
+    # the query itself is still held only to the query's checks
+    assert held.verify("How do I book a hotel in Lisbon?", "How do I book a flight in Lisbon?",
+                       hotel, hotel).ok

@@ -196,7 +196,12 @@ class SemanticCache:
 
                 checks.append(VerifierCheck(PairVerifier(settings.verifier_path),
                                             settings.verifier_min_probability))
-            gate = VerificationGate(checks)
+            context_checks = None
+            if settings.context_checks is not None:
+                context_checks = default_checks(
+                    self.embedder.token_embeddings, settings.context_checks,
+                    settings.content_min_score, settings.scope_min_alignment)
+            gate = VerificationGate(checks, context_checks)
         self.gate = gate
         self.indexes = IndexSet(
             self.embedder.dim, m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction,

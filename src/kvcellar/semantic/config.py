@@ -62,6 +62,9 @@ class SemanticSettings(_Strict):
     max_query_chars: int = Field(16_000, ge=1)
     checks: list[str] = Field(default_factory=lambda: ["negation", "question", "numbers", "entities", "substitution",
                                  "scope", "content"])
+    # checks on the earlier turns of a conversation; None: those of `checks` that suit them
+    # (negation, question, numbers, entities, substitution)
+    context_checks: list[str] | None = None
     content_min_score: float = Field(0.3, ge=0.0, le=1.0)
     scope_min_alignment: float = Field(0.6, ge=0.0, le=1.0)
     judge: bool = False  # the served model as a last check (needs the model: server / judge_runner)

@@ -392,7 +392,7 @@ def _strong_entities(text: str) -> frozenset[str]:
     for raw in _RAW_TOKEN.findall(text):
         token = raw.strip("\"'()[]{}<>,;:!?")
         clean = token.rstrip(".")
-        if clean and clean.lower() != "i":
+        if clean and re.split("['\u2019]", clean.lower())[0] != "i":  # "I", "I've", "I'm" (either apostrophe)
             is_mixed = any(c.isdigit() for c in clean) and any(c.isalpha() for c in clean)
             is_acronym = len(clean) >= 2 and clean.isupper() and clean.isalpha()
             is_inner_cap = any(c.isupper() for c in clean[1:]) and any(c.islower() for c in clean)
@@ -755,19 +755,23 @@ class Verdict:
 
 
 class VerificationGate:
-    """Runs its checks in order over the query, then over the earlier turns of the chain.
+    """Runs its checks in order over the query, then its context checks over the earlier turns.
 
-    Earlier turns are held to the checks of facts (negation, numbers, dates, entities, question
-    words), not to wording (scope, content, substitution): an earlier turn may be long and freely
-    reworded, while a changed city or amount in it still changes the answer to the last
-    question. (Substitution on earlier user turns was measured: it halved the conversations
-    served for a small gain.) Turns come as "role: text".
+    Earlier turns are held by default to the checks of facts (negation, numbers, dates,
+    entities, question words) and to substitution, not to the other wording checks (scope,
+    content): an earlier turn may be long and freely reworded, while a changed city, amount or
+    one swapped thing in it still changes the answer to the last question. The context checks
+    can be set apart from the query's: a trained verifier may replace the query's wording
+    checks while the earlier turns keep substitution. Turns come as "role: text".
     """
 
     CONTEXT_CHECKS = frozenset({"negation", "question", "numbers", "entities", "substitution"})
 
-    def __init__(self, checks: Sequence[Check]) -> None:
+    def __init__(self, checks: Sequence[Check],
+                 context_checks: Sequence[Check] | None = None) -> None:
         self.checks = list(checks)
+        self.context_checks = (list(context_checks) if context_checks is not None else
+                               [c for c in self.checks if c.name in self.CONTEXT_CHECKS])
 
     def verify(
         self, query: str, candidate: str,
@@ -780,16 +784,15 @@ class VerificationGate:
         for q_turn, c_turn in zip(context, candidate_context, strict=False):
             role, _, q = q_turn.partition(": ") if ": " in q_turn else ("", "", q_turn)
             c = c_turn.partition(": ")[2] if ": " in c_turn else c_turn
-            for check in self.checks:
-                if check.name in self.CONTEXT_CHECKS:
-                    if role == "assistant" and isinstance(check, NumberDateCheck):
-                        # a reworded reply drops or adds a figure freely; two that disagree
-                        # (a different price, a different year) still change the answer
-                        reason = check.conflict(q, c)
-                    else:
-                        reason = check(q, c)
-                    if reason is not None:
-                        return Verdict(False, check.name, f"earlier turn: {reason}")
+            for check in self.context_checks:
+                if role == "assistant" and isinstance(check, NumberDateCheck):
+                    # a reworded reply drops or adds a figure freely; two that disagree
+                    # (a different price, a different year) still change the answer
+                    reason = check.conflict(q, c)
+                else:
+                    reason = check(q, c)
+                if reason is not None:
+                    return Verdict(False, check.name, f"earlier turn: {reason}")
         return Verdict(True)
 
 
