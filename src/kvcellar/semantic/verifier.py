@@ -45,6 +45,12 @@ def load_pairs(paths: Iterable[str | Path]) -> list[dict]:
     return pairs
 
 
+def _encode_pairs(tokenizer, first: list[str], second: list[str]):
+    """The model's input for pairs, the same in training and in use."""
+    return tokenizer(first, second, padding=True, truncation=True, max_length=MAX_TOKENS,
+                     return_tensors="pt")
+
+
 class PairVerifier:
     """P(same question) for (query, candidate) from a trained cross-encoder directory."""
 
@@ -81,8 +87,7 @@ class PairVerifier:
         return np.array([known[p] for p in pairs], dtype=np.float64)
 
     def _forward(self, first: list[str], second: list[str]) -> list[float]:
-        enc = self.tokenizer(first, second, padding=True, truncation=True,
-                             max_length=MAX_TOKENS, return_tensors="pt")
+        enc = _encode_pairs(self.tokenizer, first, second)
         with self._torch.no_grad():
             logits = self.model(**enc).logits.reshape(-1)
         return self._torch.sigmoid(logits).tolist()
@@ -145,8 +150,7 @@ def train_verifier(
         total = 0.0
         for i in range(0, len(examples), batch_size):
             batch = examples[i:i + batch_size]
-            enc = tokenizer([x[0] for x in batch], [x[1] for x in batch], padding=True,
-                            truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+            enc = _encode_pairs(tokenizer, [x[0] for x in batch], [x[1] for x in batch])
             logits = model(**enc).logits.reshape(-1)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, torch.tensor([x[2] for x in batch]))
