@@ -19,7 +19,7 @@ lint:
 bench: install
 	$(PYTHON) benchmarks/multi_round_qa.py
 
-# The semantic cache's trained verifier (~20 min on 2 cores); use it with
+# The semantic cache's trained verifier (~25 min on 2 cores); use it with
 # `verifier_path: ~/.cache/kvcellar/verifier` in the semantic settings.
 VERIFIER_DIR ?= $(HOME)/.cache/kvcellar/verifier
 verifier: install

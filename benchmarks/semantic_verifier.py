@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine_info import machine
 from rich.console import Console
 from rich.table import Table
-from semantic_cache import DATA, FACT_CHECKS, _load
+from semantic_cache import DATA, FACT_CHECKS, SWAP_CHECKS, _load
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -74,7 +75,7 @@ def rule_verdicts(test: list[dict], emb) -> dict[str, np.ndarray]:
 
     full = SemanticCache(embedder=emb, path=":memory:")
     fact = SemanticCache(embedder=emb, path=":memory:", checks=FACT_CHECKS)
-    swap = SemanticCache(embedder=emb, path=":memory:", checks=[*FACT_CHECKS, "substitution"])
+    swap = SemanticCache(embedder=emb, path=":memory:", checks=SWAP_CHECKS)
     va, vb = emb.encode([p["a"] for p in test]), emb.encode([p["b"] for p in test])
     out = {"above": (va * vb).sum(axis=1) >= full.settings.threshold}
     for key, cache in (("rules", full), ("fact", fact), ("fact+swap", swap)):
@@ -130,7 +131,28 @@ def run(args: argparse.Namespace) -> dict:
         for key, test in tests.items():
             probs = verifier.scores([(p["b"], p["a"]) for p in test])
             res[key] = evaluate(test, probs, emb) | {"role": TESTS[key][1]}
+        distinct = list(dict.fromkeys((p["b"], p["a"]) for t in tests.values() for p in t))
+        res["latency"] = candidate_latency(out, distinct[:20 if args.quick else 200])
     return res
+
+
+def candidate_latency(path: Path, pairs: list[tuple[str, str]]) -> dict:
+    """What the gate pays per candidate that reaches the verifier: one pair scored alone (both
+    orders), nothing cached (a fresh verifier; the first call, which warms the model, is not
+    counted)."""
+    import torch
+
+    from kvcellar.semantic.verifier import PairVerifier
+
+    verifier = PairVerifier(path)
+    verifier.probability_same("warm up", "the model")
+    ms = []
+    for query, candidate in pairs:
+        t0 = time.perf_counter()
+        verifier.probability_same(query, candidate)
+        ms.append((time.perf_counter() - t0) * 1000)
+    return {"pairs": len(ms), "threads": torch.get_num_threads(),
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
 def main() -> None:
@@ -169,6 +191,10 @@ def main() -> None:
         for name, s in r["systems"].items():
             t.add_row(name, f"{s['served']:.1%}", f"{s['wrong_on_traps']:.1%}")
         console.print(t)
+    lat = res["latency"]
+    console.print(f"verifier per candidate ({lat['pairs']} pairs scored one at a time, "
+                  f"{lat['threads']} threads): p50 {lat['p50_ms']:.1f} ms, p99 "
+                  f"{lat['p99_ms']:.1f} ms")
     out = args.out or RESULTS / f"semantic_verifier{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "semantic_verifier",

@@ -114,7 +114,8 @@ def test_semantic_verifier_benchmark_quick(tmp_path):
     training = data["training"]
     assert training["labelled_pairs"] > 6000 and training["dropped_near_test"] > 0
     assert training["pairs"] == 64  # --quick trains on 64 of them
-    for key in ("holdout3", "holdout4"):
+    assert data["latency"]["pairs"] == 20 and 0 < data["latency"]["p50_ms"] <= data["latency"]["p99_ms"]
+    for key in ("holdout3", "holdout4", "holdout5"):
         res = data[key]
         assert res["pairs"] == 30 and 0 <= res["auc"] <= 1
         systems = res["systems"]
@@ -124,3 +125,7 @@ def test_semantic_verifier_benchmark_quick(tmp_path):
             both = systems[f"rules + verifier >= {t}"]
             assert both["served"] <= rules["served"]
             assert both["wrong_on_traps"] <= rules["wrong_on_traps"]
+            fact = systems[f"fact rules + verifier >= {t}"]
+            swap = systems[f"fact rules, substitution + verifier >= {t}"]
+            assert swap["served"] <= fact["served"]
+            assert swap["wrong_on_traps"] <= fact["wrong_on_traps"]
