@@ -39,6 +39,11 @@ VETO = [
     (SubstitutionCheck(), "How do I get rid of ants in the kitchen?",
      "How do I get rid of fruit flies in the kitchen?"),
     (QuestionTypeCheck(), "Why can't I change my username?", "How do I change my username?"),
+    # a bare answer in an earlier turn: the whole text is the thing
+    (SubstitutionCheck(), "Canberra.", "Sydney."),
+    # a reply's verdict, however the rest is worded
+    (NegationCheck(), "Yes, as long as it hasn't shipped you can change the address.",
+     "No, once an order is placed the address can't be changed, but you can cancel it."),
     # words inserted into an otherwise unchanged question narrow it
     (ScopeCheck(), "How do I read a file in Python?", "How do I read a binary file in Python?"),
     (ScopeCheck(), "How do I sort a list in Python?",
@@ -67,6 +72,10 @@ PASS = [
     (SubstitutionCheck(), "What foods help with constipation?",
      "What can I eat to relieve constipation?"),
     (SubstitutionCheck(), "How many centimeters are in an inch?", "how many cm in one inch"),
+    (NegationCheck(), "Yes, you can change it until the order ships.",
+     "Yep: until the order ships, the address can be edited."),
+    (NegationCheck(), "No problem, I can help with that.", "Sure, I can help with that."),
+    (SubstitutionCheck(), "Paris.", "It's Paris."),
     # "I've" mid-sentence is the speaker, not a name
     (EntityCheck(), "I'm flying to Tokyo next month.", "Next month I've got a flight to Tokyo."),
 ]

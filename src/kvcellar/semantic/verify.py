@@ -198,6 +198,14 @@ _SET_UP = re.compile(r"\bset(?:s|ting)?\s+up\b", re.I)
 _SWITCH = re.compile(r"\b(?:turn|switch|shut)(?:s|ed|ing)?\s+((?:[\w-]+\s+){0,3}?)(on|off)\b", re.I)
 # "stop X from sending", "keep X from": the action is prevented, as with a negation
 _PREVENT = re.compile(r"\b(?:stop|keep)(?:s|ped|ping|ing)?\s+(?:[\w'-]+\s+){0,3}?from\b", re.I)
+# a reply that opens with its verdict: "Yes, as long as ..." / "No, once ..." ("No problem" has
+# no comma and is no verdict)
+_VERDICT = re.compile(r"^\W*(yes|yeah|yep|yup|no|nope)\s*[,.!;:\u2014-]", re.I)
+
+
+def _verdict(text: str) -> str | None:
+    m = _VERDICT.match(text)
+    return None if m is None else ("no" if m.group(1).lower() in ("no", "nope") else "yes")
 
 
 @lru_cache(maxsize=16384)
@@ -230,6 +238,9 @@ class NegationCheck:
         self.min_overlap = min_overlap
 
     def __call__(self, query: str, candidate: str) -> str | None:
+        qv, cv = _verdict(query), _verdict(candidate)
+        if qv and cv and qv != cv:
+            return f"answer differs: {qv!r} vs {cv!r}"
         qn, cn = _negation_count(query), _negation_count(candidate)
         if qn % 2 != cn % 2 and overlap(query, candidate) >= self.min_overlap:
             return "negation differs"
@@ -493,13 +504,18 @@ class SubstitutionCheck:
 
     name = "substitution"
 
-    def __init__(self, max_rewording: int = 1, max_swapped: int = 2) -> None:
+    def __init__(self, max_rewording: int = 1, max_swapped: int = 2, bare: int = 3) -> None:
         self.max_rewording = max_rewording
         self.max_swapped = max_swapped
+        self.bare = bare  # texts of at most this many words are compared whole
 
     def __call__(self, query: str, candidate: str) -> str | None:
         q, c = _swap_stems(query), _swap_stems(candidate)
         extra_q, extra_c = q - c, c - q
+        if (extra_q and extra_c and not (q & c) and len(words(query)) <= self.bare
+                and len(words(candidate)) <= self.bare):
+            # bare answers ("Canberra." / "Sydney."): nothing around the word to rephrase
+            return f"{'/'.join(sorted(extra_q))!r} swapped for {'/'.join(sorted(extra_c))!r}"
         if not extra_q or not extra_c or not (q & c):
             return None
         if max(len(extra_q), len(extra_c)) > self.max_swapped:
