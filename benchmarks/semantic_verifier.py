@@ -105,6 +105,8 @@ def evaluate(test: list[dict], probs: np.ndarray, emb) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from kvcellar.config import Settings
+    from kvcellar.models.registry import resolve_model_dir
     from kvcellar.semantic.embed import Embedder
     from kvcellar.semantic.verifier import META_FILE, PairVerifier, train_verifier
 
@@ -124,7 +126,9 @@ def run(args: argparse.Namespace) -> dict:
                 raise SystemExit(f"{out} was trained with {meta}, not {want}")
         else:
             out = args.save or Path(tmp)
-            meta = train_verifier(train, out, epochs=args.epochs, lr=args.lr, seed=args.seed)
+            base = resolve_model_dir(args.base, Settings().model_cache_dir) if args.base else None
+            meta = train_verifier(train, out, base_model=base, epochs=args.epochs, lr=args.lr,
+                                  seed=args.seed, weight_decay=args.weight_decay)
         verifier = PairVerifier(out)
         res = {"training": data | meta, "saved_to": str(args.save) if args.save else None,
                "reused": str(args.reuse) if args.reuse else None}
@@ -162,6 +166,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--base", default=None,
+                   help="model to start from (default all-MiniLM-L6-v2; SmolLM2-135M-Instruct)")
     p.add_argument("--save", type=Path, default=None, help="keep the trained verifier here")
     p.add_argument("--reuse", type=Path, default=None,
                    help="score a verifier this script trained before (--save) instead of "

@@ -93,3 +93,30 @@ def test_missing_verifier_and_bad_data_are_clear_errors(embedder, tmp_path):
                            "--data", str(bad)])
     assert res.exit_code == 2 and "bad.jsonl:2" in res.output
     assert not (tmp_path / "m").exists()
+
+
+def test_verifier_from_the_packaged_chat_model(tmp_path):
+    """SmolLM2 has no pair encoding: it is trained and scored on one prompt holding both
+    questions, read at its last token; the directory records that, so loading it scores the
+    same way. (Its accuracy is measured in the benchmark; two steps here prove the plumbing.)"""
+    pairs = _small_set()[::4]  # 4 paraphrases, 4 traps
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    out = tmp_path / "smol"
+    res = cli.invoke(app, ["semantic", "train-verifier", "--out", str(out), "--data", str(data),
+                           "--epochs", "1", "--base", "SmolLM2-135M-Instruct"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["input"] == "prompt" and meta["pairs"] == 8
+    verifier = PairVerifier(out)
+    assert verifier.style == "prompt" and verifier.model.config.pad_token_id is not None
+    a, b = pairs[0]["a"], pairs[0]["b"]
+    p = verifier.probability_same(a, b)
+    assert 0 < p < 1 and p == verifier.probability_same(b, a)
+    # a batch pads the shorter prompts; each pair must score as it does alone
+    batch = verifier.scores([(x["b"], x["a"]) for x in pairs])
+    alone = [PairVerifier(out).probability_same(x["b"], x["a"]) for x in pairs[:3]]
+    assert np.allclose(batch[:3], alone, atol=1e-4)
+    bad = cli.invoke(app, ["semantic", "train-verifier", "--out", str(tmp_path / "x"),
+                           "--data", str(data), "--base", "no-such-model"])
+    assert bad.exit_code == 2 and "unknown model" in bad.output

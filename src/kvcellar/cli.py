@@ -432,12 +432,20 @@ def semantic_train_verifier(
     epochs: Annotated[int, typer.Option(min=1)] = 3,
     lr: Annotated[float, typer.Option(min=0.0)] = 5e-5,
     seed: int = 0,
+    weight_decay: Annotated[float, typer.Option(min=0.0)] = 0.01,
+    base: Annotated[
+        str | None,
+        typer.Option(help="model to start from: all-MiniLM-L6-v2 (default, a cross-encoder), "
+                          "SmolLM2-135M-Instruct (the packaged chat model, read as one prompt) "
+                          "or a local transformers directory"),
+    ] = None,
 ) -> None:
     """Fine-tune the verification gate's cross-encoder on labelled question pairs.
 
     Use it with `verifier_path: DIR` in the semantic cache settings."""
     from rich.progress import Progress
 
+    from kvcellar.models.registry import resolve_model_dir
     from kvcellar.semantic.verifier import TRAINING_FILES, load_pairs, train_verifier
 
     if not data:
@@ -449,9 +457,11 @@ def semantic_train_verifier(
             raise typer.Exit(2)
     try:
         pairs = load_pairs(data)
+        base_dir = resolve_model_dir(base, Settings().model_cache_dir) if base else None
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"training on {len(pairs)} pairs", total=None)
-            meta = train_verifier(pairs, out, epochs=epochs, lr=lr, seed=seed,
+            meta = train_verifier(pairs, out, base_model=base_dir, epochs=epochs, lr=lr, seed=seed,
+                                  weight_decay=weight_decay,
                                   progress=lambda step, steps, _loss: bar.update(
                                       task, completed=step, total=steps))
     except (KvcellarError, OSError) as exc:

@@ -45,8 +45,18 @@ def load_pairs(paths: Iterable[str | Path]) -> list[dict]:
     return pairs
 
 
-def _encode_pairs(tokenizer, first: list[str], second: list[str]):
+# A decoder model (SmolLM2) has no pair encoding: it reads both questions in one prompt and is
+# scored on its last token.
+PROMPT = "Question 1: {}\nQuestion 2: {}\nDo they ask exactly the same thing?"
+PROMPT_MAX_TOKENS = 128
+
+
+def _encode_pairs(tokenizer, first: list[str], second: list[str], style: str = "pair"):
     """The model's input for pairs, the same in training and in use."""
+    if style == "prompt":
+        return tokenizer([PROMPT.format(a, b) for a, b in zip(first, second, strict=True)],
+                         padding=True, truncation=True, max_length=PROMPT_MAX_TOKENS,
+                         return_tensors="pt")
     return tokenizer(first, second, padding=True, truncation=True, max_length=MAX_TOKENS,
                      return_tensors="pt")
 
@@ -69,6 +79,7 @@ class PairVerifier:
         except (OSError, ValueError) as exc:  # truncated weights, missing tokenizer, bad JSON
             raise ConfigError(f"the trained verifier in {path} cannot be loaded ({exc}); train "
                               "it again") from exc
+        self.style = self.meta.get("input", "pair")
         self._torch = torch
         self._cache: LRU[tuple[str, str], float] = LRU(cache_size)
 
@@ -87,7 +98,7 @@ class PairVerifier:
         return np.array([known[p] for p in pairs], dtype=np.float64)
 
     def _forward(self, first: list[str], second: list[str]) -> list[float]:
-        enc = _encode_pairs(self.tokenizer, first, second)
+        enc = _encode_pairs(self.tokenizer, first, second, self.style)
         with self._torch.no_grad():
             logits = self.model(**enc).logits.reshape(-1)
         return self._torch.sigmoid(logits).tolist()
@@ -119,7 +130,7 @@ class VerifierCheck:
 def train_verifier(
     pairs: Sequence[dict], out_dir: str | Path, *, base_model: str | Path | None = None,
     epochs: int = 3, lr: float = 5e-5, batch_size: int = 16, seed: int = 0,
-    progress: Callable[[int, int, float], None] | None = None,
+    weight_decay: float = 0.01, progress: Callable[[int, int, float], None] | None = None,
 ) -> dict:
     """Fine-tune a cross-encoder on labelled pairs (each in both orders) and save it.
 
@@ -137,10 +148,16 @@ def train_verifier(
     rng = random.Random(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1)
+    style = "pair" if tokenizer.sep_token else "prompt"  # an encoder, or a decoder (SmolLM2)
+    if style == "prompt":
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+        model.config.pad_token_id = tokenizer.pad_token_id
     examples = [(p["a"], p["b"], float(p["same"])) for p in pairs]
     examples += [(b, a, y) for a, b, y in examples]
     steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps))
     model.train()
@@ -150,7 +167,7 @@ def train_verifier(
         total = 0.0
         for i in range(0, len(examples), batch_size):
             batch = examples[i:i + batch_size]
-            enc = _encode_pairs(tokenizer, [x[0] for x in batch], [x[1] for x in batch])
+            enc = _encode_pairs(tokenizer, [x[0] for x in batch], [x[1] for x in batch], style)
             logits = model(**enc).logits.reshape(-1)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, torch.tensor([x[2] for x in batch]))
@@ -168,7 +185,7 @@ def train_verifier(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    meta = {"base_model": str(base), "pairs": len(pairs), "epochs": epochs, "lr": lr,
+    meta = {"base_model": str(base), "input": style, "pairs": len(pairs), "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
             "batch_size": batch_size, "seed": seed, "losses": losses,
             "train_s": round(time.perf_counter() - t0, 1)}
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
