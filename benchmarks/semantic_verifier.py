@@ -20,7 +20,8 @@ substitution/scope/content replaced by the verifier: ``checks: [negation, questi
 entities]`` plus ``verifier_path``) and ``fact rules, substitution + verifier >= t`` (the same
 keeping the one-word swap check).
 
-    python benchmarks/semantic_verifier.py --save ~/.cache/kvcellar/verifier   # ~15 min, 2 cores
+    python benchmarks/semantic_verifier.py --save ~/.cache/kvcellar/verifier   # ~22 min, 2 cores
+    python benchmarks/semantic_verifier.py --base SmolLM2-135M-Instruct --epochs 1 --lr 3e-5 --weight-decay 0 --save DIR   # ~65 min
     python benchmarks/semantic_verifier.py --quick                              # smoke
 """
 

@@ -440,7 +440,7 @@ def semantic_train_verifier(
                           "or a local transformers directory"),
     ] = None,
 ) -> None:
-    """Fine-tune the verification gate's cross-encoder on labelled question pairs.
+    """Fine-tune the verification gate's pair verifier on labelled question pairs.
 
     Use it with `verifier_path: DIR` in the semantic cache settings."""
     from rich.progress import Progress

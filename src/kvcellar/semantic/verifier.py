@@ -185,8 +185,8 @@ def train_verifier(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    meta = {"base_model": str(base), "input": style, "pairs": len(pairs), "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
-            "batch_size": batch_size, "seed": seed, "losses": losses,
-            "train_s": round(time.perf_counter() - t0, 1)}
+    meta = {"base_model": str(base), "input": style, "pairs": len(pairs), "epochs": epochs,
+            "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed,
+            "losses": losses, "train_s": round(time.perf_counter() - t0, 1)}
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
