@@ -9,9 +9,9 @@ radiator?"), then scored with the rules on the pairs of three sets, without retr
 
 - ``holdout3``: the validation set; the combination and the probability threshold shipped as
   ``verifier_min_probability`` were chosen on it,
-- ``holdout4``: the test set of the previous round (its errors were read; nothing is chosen on
-  it now),
-- ``holdout5``: the test set, written apart and evaluated once after the choice.
+- ``holdout4`` and ``holdout5``: the test sets of the previous rounds (their errors were read;
+  nothing is chosen on them now),
+- ``holdout6``: the test set, written apart and evaluated once after the choice.
 
 Systems: ``rules`` (cosine >= the default threshold and the default gate: the shipped cache
 without a verifier), ``verifier alone >= t``, ``rules + verifier >= t`` (one more check),
@@ -49,7 +49,9 @@ TESTS = {"holdout3": ("holdout3_pairs.jsonl", "validation: the combination and t
                       "chosen on it"),
          "holdout4": ("holdout4_pairs.jsonl", "test of the previous verifier; its errors were "
                       "read, nothing was chosen on it"),
-         "holdout5": ("holdout5_pairs.jsonl", "test: written apart, evaluated once after the "
+         "holdout5": ("holdout5_pairs.jsonl", "test of the previous round; its errors were "
+                      "read, nothing was chosen on it"),
+         "holdout6": ("holdout6_pairs.jsonl", "test: written apart, evaluated once after the "
                       "choice")}
 THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9)
 NEAR = 0.85  # a training pair this close to a test question is dropped
@@ -109,6 +111,7 @@ def run(args: argparse.Namespace) -> dict:
     from kvcellar.config import Settings
     from kvcellar.models.registry import resolve_model_dir
     from kvcellar.semantic.embed import Embedder
+    from kvcellar.semantic.embed import resolve_model_dir as resolve_embedder_dir
     from kvcellar.semantic.verifier import META_FILE, PairVerifier, train_verifier
 
     emb = Embedder()
@@ -119,16 +122,18 @@ def run(args: argparse.Namespace) -> dict:
     train, data = training_pairs([p[s] for t in tests.values() for p in t for s in "ab"], emb)
     if args.quick:
         train = train[:64]
+    base = resolve_model_dir(args.base, Settings().model_cache_dir) if args.base else None
     with tempfile.TemporaryDirectory(prefix="verifier") as tmp:
         if args.reuse:
             out = args.reuse
             meta = json.loads((out / META_FILE).read_text())
-            want = {"pairs": len(train), "epochs": args.epochs, "lr": args.lr, "seed": args.seed}
+            want = {"base_model": str(base or resolve_embedder_dir("all-MiniLM-L6-v2")),
+                    "pairs": len(train), "epochs": args.epochs, "lr": args.lr,
+                    "weight_decay": args.weight_decay, "seed": args.seed}
             if {k: meta.get(k) for k in want} != want:
                 raise SystemExit(f"{out} was trained with {meta}, not {want}")
         else:
             out = args.save or Path(tmp)
-            base = resolve_model_dir(args.base, Settings().model_cache_dir) if args.base else None
             meta = train_verifier(train, out, base_model=base, epochs=args.epochs, lr=args.lr,
                                   seed=args.seed, weight_decay=args.weight_decay)
         verifier = PairVerifier(out)

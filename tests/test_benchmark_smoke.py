@@ -115,7 +115,7 @@ def test_semantic_verifier_benchmark_quick(tmp_path):
     assert training["labelled_pairs"] > 6000 and training["dropped_near_test"] > 0
     assert training["pairs"] == 64  # --quick trains on 64 of them
     assert data["latency"]["pairs"] == 20 and 0 < data["latency"]["p50_ms"] <= data["latency"]["p99_ms"]
-    for key in ("holdout3", "holdout4", "holdout5"):
+    for key in ("holdout3", "holdout4", "holdout5", "holdout6"):
         res = data[key]
         assert res["pairs"] == 30 and 0 <= res["auc"] <= 1
         systems = res["systems"]
