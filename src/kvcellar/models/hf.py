@@ -7,6 +7,7 @@ transformers' ``DynamicCache`` and knows nothing of storage or keys.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 from collections.abc import Sequence
@@ -45,6 +46,11 @@ class HFRunner:
         except Exception as exc:  # transformers raises many kinds; one clear message for all
             raise ModelLoadError(f"cannot load model from {self.model_dir}: {exc}") from exc
         self.model.eval()
+        # newer transformers 5.x name the KV argument `cache` and deprecate `past_key_values`
+        self._cache_kwarg = (
+            "cache" if "cache" in inspect.signature(self.model.forward).parameters
+            else "past_key_values"
+        )
         cfg = self.model.config
         self.config = cfg
         self.num_layers: int = cfg.num_hidden_layers
@@ -135,7 +141,9 @@ class HFRunner:
     def forward(self, input_ids: Sequence[int], cache: Any) -> torch.Tensor:
         """Run ``input_ids`` after what ``cache`` holds (grown in place); last position's logits."""
         ids = torch.tensor([list(input_ids)], dtype=torch.long)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}
+        )
         return out.logits[0, -1].float()
 
 
