@@ -1,11 +1,12 @@
 """Does the trained pair verifier (``kvcellar.semantic.verifier``) beat the rule gate on unseen
 questions?
 
-The verifier (all-MiniLM-L6-v2 fine-tuned as a cross-encoder, ``train_verifier``) is trained on
-the labelled development pairs (``pairs``, ``holdout``, ``holdout2`` and ``train/*``; each in
-both orders), minus every pair with a question closer than cosine 0.85 to a question of the test
+The verifier (all-MiniLM-L6-v2 fine-tuned as a cross-encoder, or with ``--base
+SmolLM2-135M-Instruct`` the packaged chat model reading both questions in one prompt;
+``train_verifier``) is trained on the labelled development pairs (``pairs``, ``holdout``,
+``holdout2`` and ``train/*``; each in both orders), minus every pair with a question closer than cosine 0.85 to a question of the test
 sets (writers of different sets still produce the same canonical questions, "How do I bleed a
-radiator?"), then scored with the rules on the pairs of three sets, without retrieval:
+radiator?"), then scored with the rules on the pairs of four sets, without retrieval:
 
 - ``holdout3``: the validation set; the combination and the probability threshold shipped as
   ``verifier_min_probability`` were chosen on it,

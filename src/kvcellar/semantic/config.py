@@ -70,7 +70,7 @@ class SemanticSettings(_Strict):
     judge: bool = False  # the served model as a last check (needs the model: server / judge_runner)
     judge_min_yes: float = Field(0.5, ge=0.0, le=1.0)
     verifier_path: str | None = None  # a cross-encoder from `kvcellar semantic train-verifier`
-    verifier_min_probability: float = Field(0.5, ge=0.0, le=1.0)
+    verifier_min_probability: float = Field(0.7, ge=0.0, le=1.0)  # chosen on holdout3
     categories: list[CategoryConfig] = Field(default_factory=list)
     classifier_min_similarity: float = Field(0.45, ge=0.0, le=1.0)
     load_relax_max: float = Field(0.0, ge=0.0, le=0.5)  # threshold drop at full load
