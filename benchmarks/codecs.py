@@ -122,9 +122,7 @@ def prefill_kv(runner, prompts: list[list[int]], batch: int) -> list[torch.Tenso
     for i in range(0, len(prompts), batch):
         part = prompts[i : i + batch]
         cache = runner.new_cache()
-        runner.model(
-            input_ids=torch.tensor(part), past_key_values=cache, use_cache=True, logits_to_keep=1
-        )
+        runner.call_model(torch.tensor(part), cache, logits_to_keep=1)
         for b in range(len(part)):
             kv = torch.stack(
                 [torch.stack([layer.keys[b], layer.values[b]]) for layer in cache.layers]
@@ -144,7 +142,7 @@ def teacher_forced(runner, kvs, feed: list[list[int]], batch: int):
     for i in range(0, len(kvs), batch):
         cache = batch_cache(runner, kvs[i : i + batch])
         ids = torch.tensor(feed[i : i + batch])
-        logits = runner.model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True).logits
+        logits = runner.call_model(ids[:, :-1], cache).logits
         lp = torch.log_softmax(logits.float(), dim=-1)
         arg.append(lp.argmax(-1))
         logp.append(-lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1))
@@ -161,9 +159,7 @@ def greedy(runner, kvs, start: list[list[int]], steps: int, batch: int) -> torch
         tok = torch.tensor(start[i : i + batch])
         got = []
         for _ in range(steps):
-            logits = runner.model(
-                input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1
-            ).logits
+            logits = runner.call_model(tok, cache, logits_to_keep=1).logits
             tok = logits[:, -1].argmax(-1, keepdim=True)
             got.append(tok)
         outs.append(torch.cat(got, dim=1))

@@ -231,9 +231,7 @@ def test_sinks_bring_the_next_token_distribution_closer_on_the_real_model(runner
                 config=runner.config,
             )
             logp = torch.log_softmax(
-                runner.model(input_ids=torch.tensor([window[128:]]), past_key_values=c).logits[
-                    0, -1
-                ],
+                runner.call_model(torch.tensor([window[128:]]), c).logits[0, -1],
                 -1,
             )
             if ref is None:
@@ -513,9 +511,7 @@ def test_kivi4_disk_tier_on_the_real_model(make_llm, tmp_path, record_property):
     cache = runner.new_cache(kv[:, :, :, : min(hit, len(ids) - 1)])
     feed = ids[cache.get_seq_length() :] + cont[:-1]
     with torch.inference_mode():
-        logits = runner.model(
-            input_ids=torch.tensor([feed]), past_key_values=cache, use_cache=True
-        ).logits[0, -len(cont) :]
+        logits = runner.call_model(torch.tensor([feed]), cache).logits[0, -len(cont) :]
     forced = float((logits.argmax(-1) == torch.tensor(cont)).float().mean())
     record_property("kivi4_free_running_match_32", free)
     record_property("kivi4_teacher_forced_match_32", forced)

@@ -141,10 +141,14 @@ class HFRunner:
     def forward(self, input_ids: Sequence[int], cache: Any) -> torch.Tensor:
         """Run ``input_ids`` after what ``cache`` holds (grown in place); last position's logits."""
         ids = torch.tensor([list(input_ids)], dtype=torch.long)
-        out = self.model(
-            input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}
+        return self.call_model(ids, cache, logits_to_keep=1).logits[0, -1].float()
+
+    def call_model(self, input_ids: torch.Tensor, cache: Any, **kwargs: Any) -> Any:
+        """The model's own forward over ``input_ids`` [B, T] after ``cache`` (grown in place),
+        with the cache passed under the argument name this transformers version uses."""
+        return self.model(
+            input_ids=input_ids, use_cache=True, **{self._cache_kwarg: cache}, **kwargs
         )
-        return out.logits[0, -1].float()
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
