@@ -91,13 +91,15 @@ HELD_OUT = {
 }
 FACT_CHECKS = ["negation", "question", "numbers", "entities"]
 SWAP_CHECKS = [*FACT_CHECKS, "substitution"]
-# the systems with a trained verifier: name -> (checks of the query, checks of earlier turns);
+# the systems with a trained verifier: key -> (name, settings besides the verifier's);
 # --verifier-system names the one chosen on holdout3 (benchmarks/semantic_verifier.py), whose
 # held-out targets are reported
 VERIFIER_SYSTEMS = {
-    "rules": ("kvcellar + verifier", None, None),
-    "fact": ("kvcellar + verifier, fact checks", FACT_CHECKS, SWAP_CHECKS),
-    "swap": ("kvcellar + verifier, fact + swap checks", SWAP_CHECKS, SWAP_CHECKS),
+    "rules": ("kvcellar + verifier", {}),
+    "fact": ("kvcellar + verifier, fact checks",
+             {"checks": FACT_CHECKS, "context_checks": SWAP_CHECKS}),
+    "swap": ("kvcellar + verifier, fact + swap checks",
+             {"checks": SWAP_CHECKS, "context_checks": SWAP_CHECKS}),
 }
 _JUDGE: list = []  # the model, loaded once when a system asks for the judge
 TARGET_SERVED, TARGET_WRONG, TARGET_P50_MS = 0.80, 0.02, 1.0
@@ -542,9 +544,8 @@ def run(args: argparse.Namespace) -> dict:
     systems = {k: v for k, v in SYSTEMS.items() if not (args.quick and v.get("judge"))}
     if args.verifier:  # a trained verifier (benchmarks/semantic_verifier.py --save DIR)
         v = {"verifier_path": str(args.verifier), "verifier_min_probability": args.verifier_min}
-        for name, checks, context_checks in VERIFIER_SYSTEMS.values():
-            systems[name] = v | ({"checks": checks, "context_checks": context_checks}
-                                 if checks else {})
+        for name, settings in VERIFIER_SYSTEMS.values():
+            systems[name] = v | settings
         res["chosen_verifier_system"] = VERIFIER_SYSTEMS[args.verifier_system][0]
     res["accuracy"] = accuracy(emb, pairs, multiturn, systems)
     for key, (pairs_file, multi_file, _) in HELD_OUT.items():
